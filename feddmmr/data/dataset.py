@@ -1,0 +1,211 @@
+"""Per-user chronological sequences, the top-N subset, the item index and the leave-one-out split.
+
+Sequences are stored flat (``items`` plus ``offsets``) so every split and batch is a
+vectorised slice, never a Python loop over users.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .readers import DataError, Interactions, TableColumns, read_interactions
+
+log = logging.getLogger(__name__)
+
+MIN_INTERACTIONS = 3  # train >= 1, validation, test
+SPLITS = ("val", "test")
+
+
+@dataclass
+class SequenceDataset:
+    """Users' chronological item sequences, items indexed 1..num_items-1 (0 = padding)."""
+
+    items: np.ndarray  # int64, all users' sequences concatenated
+    offsets: np.ndarray  # int64 [num_users + 1]
+    user_ids: np.ndarray  # raw user id per row
+    num_items: int
+    layout: str
+    source: str
+    item_raw_ids: np.ndarray | None = None  # index -> raw id for remapped (custom) datasets
+    titles: dict = field(default_factory=dict)  # item index -> title
+    dropped_users: int = 0
+
+    @property
+    def num_users(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sequence(self, user: int) -> np.ndarray:
+        return self.items[self.offsets[user]:self.offsets[user + 1]]
+
+    def occurring_items(self) -> np.ndarray:
+        """Item indices that occur in at least one sequence (the candidate universe)."""
+        return np.unique(self.items)
+
+    def fingerprint(self) -> str:
+        """Content hash: caches keyed by it are invalid as soon as the data changes."""
+        digest = hashlib.sha256()
+        for array in (self.items, self.offsets):
+            digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+        digest.update(str(self.num_items).encode())
+        return digest.hexdigest()[:16]
+
+    # ------------------------------------------------------------------ leave-one-out split
+    def split_bounds(self, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(start, end, target) per user: the input is ``items[start:end]``, the target follows it.
+
+        ``train`` has no single target (every position predicts the next); its end excludes
+        the validation and test items and its target array is the validation item.
+        """
+        start, stop = self.offsets[:-1], self.offsets[1:]
+        if split == "train":
+            return start, stop - 2, self.items[stop - 2]
+        if split == "val":
+            return start, stop - 2, self.items[stop - 2]
+        if split == "test":
+            return start, stop - 1, self.items[stop - 1]
+        raise ValueError(f"unknown split {split!r}; choose 'train', 'val' or 'test'")
+
+    def padded_inputs(self, split: str, users: np.ndarray | None = None, max_len: int = 50) -> np.ndarray:
+        """The last ``max_len`` input items per user, left-padded with 0: ``[U, max_len]``."""
+        start, end, _ = self.split_bounds(split)
+        if users is not None:
+            start, end = start[users], end[users]
+        return last_n_padded(self.items, start, end, max_len)
+
+    def history_mask_rows(self, users: np.ndarray, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(row, item) pairs of ``users``' interactions (row = position in ``users``).
+
+        With ``split`` only the split's input history; without, every interaction.
+        """
+        if split is None:
+            start, stop = self.offsets[:-1][users], self.offsets[1:][users]
+        else:
+            start, stop, _ = self.split_bounds(split)
+            start, stop = start[users], stop[users]
+        rows, idx = ranges(start, stop)
+        return rows, self.items[idx]
+
+    def train_counts(self) -> np.ndarray:
+        """How often each item occurs in the training parts (popularity)."""
+        start, end, _ = self.split_bounds("train")
+        _, idx = ranges(start, end)
+        return np.bincount(self.items[idx], minlength=self.num_items)
+
+    def subset(self, users: np.ndarray) -> "SequenceDataset":
+        """The same item index restricted to ``users`` (rows, in the given order)."""
+        users = np.asarray(users, dtype=np.int64)
+        lengths = self.lengths[users]
+        rows, items = self.history_mask_rows(users)
+        return SequenceDataset(items, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                               self.user_ids[users], self.num_items, self.layout, self.source,
+                               self.item_raw_ids, self.titles, self.dropped_users)
+
+    def stats(self) -> dict:
+        lengths = self.lengths
+        return {
+            "layout": self.layout,
+            "source": self.source,
+            "users": int(self.num_users),
+            "items": int(len(self.occurring_items())),
+            "num_items": int(self.num_items),
+            "interactions": int(lengths.sum()),
+            "min_seq_len": int(lengths.min()),
+            "max_seq_len": int(lengths.max()),
+            "mean_seq_len": round(float(lengths.mean()), 2),
+            "dropped_users": int(self.dropped_users),
+        }
+
+    def save_item_mapping(self, path: Path) -> None:
+        """index<TAB>raw id, for remapped custom datasets (nothing to save for ML-1M)."""
+        if self.item_raw_ids is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("index\traw_id\n")
+            for index in range(1, self.num_items):
+                handle.write(f"{index}\t{self.item_raw_ids[index]}\n")
+
+
+def ranges(start: np.ndarray, stop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated ``arange(start[r], stop[r])`` and the row r of each element, vectorised."""
+    lengths = np.maximum(stop - start, 0)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    idx = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths) + np.repeat(start, lengths)
+    return rows, idx.astype(np.int64)
+
+
+def last_n_padded(items: np.ndarray, start: np.ndarray, end: np.ndarray, n: int) -> np.ndarray:
+    """``[U, n]``: items[start:end] per row, keeping the last n, left-padded with 0."""
+    idx = end[:, None] - n + np.arange(n)[None, :]
+    valid = idx >= start[:, None]
+    return np.where(valid, items[np.clip(idx, 0, max(len(items) - 1, 0))], 0).astype(np.int64)
+
+
+def top_users(counts: np.ndarray, raw_ids: np.ndarray, n: int) -> np.ndarray:
+    """Rows of the n most active users; ties go to the smaller raw user id (deterministic)."""
+    order = np.lexsort((raw_ids, -counts))
+    return np.sort(order[:n])
+
+
+def build_sequences(table: Interactions, top_n: int | None = None,
+                    min_interactions: int = MIN_INTERACTIONS) -> SequenceDataset:
+    users, items, order = table.users, table.items, table.order
+    remap = table.layout == "table"
+    if remap:
+        raw_items, item_index = np.unique(items, return_inverse=True)
+        item_index = item_index.astype(np.int64) + 1
+        item_raw_ids = np.concatenate([np.array([""], dtype=object), raw_items.astype(object)])
+        num_items = len(raw_items) + 1
+        titles = {}
+    else:
+        if items.min() < 1 or users.min() < 1:
+            bad = int(np.flatnonzero((items < 1) | (users < 1))[0])
+            raise DataError(table.source, f"ids must be positive integers (row {bad + 1} has user "
+                                          f"{users[bad]}, item {items[bad]})")
+        item_index = items.astype(np.int64)
+        item_raw_ids = None
+        catalogue_max = int(table.known_items.max()) if table.known_items is not None else 0
+        num_items = max(int(items.max()), catalogue_max) + 1
+        titles = dict(table.titles)
+
+    raw_users, user_row = np.unique(users, return_inverse=True)
+    # per user, time order; ties keep file order (lexsort is stable on the last key)
+    rows = np.lexsort((np.arange(len(users)), order, user_row))
+    user_row, item_index = user_row[rows], item_index[rows]
+    counts = np.bincount(user_row, minlength=len(raw_users))
+
+    keep = counts >= min_interactions
+    dropped = int((~keep).sum())
+    if dropped:
+        log.warning("%s: dropped %d user(s) with fewer than %d interactions", table.source, dropped,
+                    min_interactions)
+    kept_rows = np.flatnonzero(keep)
+    if top_n is not None:
+        if top_n < 1:
+            raise ValueError(f"--top-users must be positive, got {top_n}")
+        kept_rows = kept_rows[top_users(counts[kept_rows], raw_users[kept_rows], top_n)]
+    if len(kept_rows) == 0:
+        raise DataError(table.source, f"no user has at least {min_interactions} interactions")
+    selected = np.isin(user_row, kept_rows)
+    seq_items = item_index[selected]
+    lengths = counts[kept_rows]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    assert len(seq_items) == offsets[-1]
+    return SequenceDataset(seq_items, offsets, raw_users[kept_rows], num_items, table.layout,
+                           str(table.source), item_raw_ids, titles, dropped)
+
+
+def load_dataset(path: Path | str, layout: str | None = None, top_users: int | None = None,
+                 columns: TableColumns = TableColumns(),
+                 min_interactions: int = MIN_INTERACTIONS) -> SequenceDataset:
+    """Read any accepted layout and return the (optionally top-N) sequence dataset."""
+    return build_sequences(read_interactions(path, layout, columns), top_users, min_interactions)

@@ -1,0 +1,164 @@
+"""The one evaluation protocol: metrics, candidates and the batched evaluation loop.
+
+Protocols:
+  * ``full``: the target is ranked among every item that occurs in the dataset; the user's
+    other history items (its input sequence) are excluded unless ``exclude_history=False``.
+  * ``sampled``: the target against 100 negatives drawn uniformly, without replacement, from the
+    items that occur in the dataset and that the user never interacted with; drawn once per
+    (dataset, split, seed) and cached so every model faces the same candidates.
+
+Ties are ranked pessimistically (an item scoring the same as the target counts as ahead of
+it), so a constant scorer cannot look good.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .data.dataset import SequenceDataset
+
+log = logging.getLogger(__name__)
+
+KS = (5, 10, 20)
+PROTOCOLS = ("full", "sampled")
+METRIC_NAMES = tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in KS) + ("MRR",)
+NUM_SAMPLED_NEGATIVES = 100
+
+# score_fn(user_rows [B], input_seq [B, L], items [B, N] or None) -> scores [B, N] or [B, num_items]
+ScoreFn = Callable[[np.ndarray, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def ranks_from_scores(scores: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
+    """0-based pessimistic rank of ``scores[b, target_col[b]]`` within row b (-inf = excluded)."""
+    target = scores.gather(1, target_col.view(-1, 1))
+    ahead = (scores > target).sum(1) + (scores == target).sum(1) - 1
+    return ahead
+
+
+def metrics_from_ranks(ranks: torch.Tensor | np.ndarray) -> dict[str, float]:
+    """HR@k, NDCG@k (one relevant item) and MRR from 0-based ranks, averaged over users."""
+    ranks = torch.as_tensor(ranks, dtype=torch.float64)
+    out: dict[str, float] = {}
+    for k in KS:
+        hit = ranks < k
+        out[f"HR@{k}"] = hit.double().mean().item()
+    for k in KS:
+        hit = ranks < k
+        out[f"NDCG@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 2.0), torch.zeros_like(ranks)).mean().item()
+    out["MRR"] = (1.0 / (ranks + 1.0)).mean().item()
+    return out
+
+
+# --------------------------------------------------------------------------- sampled candidates
+
+def sample_candidates(data: SequenceDataset, split: str, seed: int = 0,
+                      num_negatives: int = NUM_SAMPLED_NEGATIVES, chunk: int = 1024) -> np.ndarray:
+    """``[U, 1 + num_negatives]``: column 0 is the held-out item, then uniform negatives.
+
+    Uniform without replacement over allowed items = the top-k of i.i.d. uniform keys over
+    the allowed items; vectorised per chunk of users.
+    """
+    _, _, targets = data.split_bounds(split)
+    allowed = np.zeros(data.num_items, dtype=bool)
+    allowed[data.occurring_items()] = True
+    allowed[0] = False
+    generator = torch.Generator().manual_seed(_split_seed(seed, split))
+    out = np.empty((data.num_users, 1 + num_negatives), dtype=np.int64)
+    out[:, 0] = targets
+    allowed_t = torch.from_numpy(allowed)
+    for lo in range(0, data.num_users, chunk):
+        users = np.arange(lo, min(lo + chunk, data.num_users))
+        keys = torch.rand((len(users), data.num_items), generator=generator)
+        mask = ~allowed_t.expand(len(users), -1).clone()
+        rows, items = data.history_mask_rows(users)
+        mask[torch.from_numpy(rows), torch.from_numpy(items)] = True
+        too_few = (~mask).sum(1) < num_negatives
+        if bool(too_few.any()):
+            user = int(users[int(too_few.nonzero()[0, 0])])
+            raise ValueError(f"user {data.user_ids[user]} has fewer than {num_negatives} items left to sample "
+                             "negatives from; use the full protocol for this dataset")
+        keys[mask] = -1.0
+        out[lo:lo + len(users), 1:] = keys.topk(num_negatives, dim=1).indices.numpy()
+    return out
+
+
+def _split_seed(seed: int, split: str) -> int:
+    return int(seed) * 1000 + {"val": 1, "test": 2}[split]
+
+
+_CANDIDATE_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def candidates(data: SequenceDataset, split: str, seed: int = 0, cache_dir: Path | None = None,
+               num_negatives: int = NUM_SAMPLED_NEGATIVES) -> np.ndarray:
+    """Cached :func:`sample_candidates` (in memory, and on disk when ``cache_dir`` is given)."""
+    key = (data.fingerprint(), split, seed, num_negatives)
+    if key in _CANDIDATE_CACHE:
+        return _CANDIDATE_CACHE[key]
+    path = Path(cache_dir) / f"candidates_{key[0]}_{split}_s{seed}_n{num_negatives}.npy" if cache_dir else None
+    if path is not None and path.exists():
+        cached = np.load(path, allow_pickle=False)
+    else:
+        cached = sample_candidates(data, split, seed, num_negatives)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, cached, allow_pickle=False)
+    _CANDIDATE_CACHE[key] = cached
+    return cached
+
+
+# --------------------------------------------------------------------------- the evaluation loop
+
+def evaluate(score_fn: ScoreFn, data: SequenceDataset, split: str = "val", protocol: str = "sampled", *,
+             seed: int = 0, max_len: int = 50, batch_size: int = 512, exclude_history: bool = True,
+             cache_dir: Path | None = None, users: np.ndarray | None = None) -> dict:
+    """Score every user (or ``users``) under one protocol; returns metrics named with their protocol."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    users = np.arange(data.num_users) if users is None else np.asarray(users)
+    _, _, targets = data.split_bounds(split)
+    inputs = data.padded_inputs(split, users, max_len)
+    cands = candidates(data, split, seed, cache_dir)[users] if protocol == "sampled" else None
+    not_candidate = None
+    if protocol == "full":
+        not_candidate = torch.ones(data.num_items, dtype=torch.bool)
+        not_candidate[torch.from_numpy(data.occurring_items())] = False
+        not_candidate[0] = True
+    all_ranks = []
+    for lo in range(0, len(users), batch_size):
+        rows = users[lo:lo + batch_size]
+        seq = torch.from_numpy(inputs[lo:lo + batch_size])
+        if protocol == "sampled":
+            with torch.no_grad():
+                scores = score_fn(rows, seq, torch.from_numpy(cands[lo:lo + batch_size])).float()
+            target_col = torch.zeros(len(rows), dtype=torch.long)
+        else:
+            with torch.no_grad():
+                scores = score_fn(rows, seq, None).float().clone()
+            target = torch.from_numpy(targets[rows])
+            excluded = not_candidate.expand(len(rows), -1).clone()
+            if exclude_history:
+                hist_rows, hist_items = data.history_mask_rows(rows, split)
+                excluded[torch.from_numpy(hist_rows), torch.from_numpy(hist_items)] = True
+            excluded[torch.arange(len(rows)), target] = False
+            scores[excluded] = float("-inf")
+            target_col = target
+        all_ranks.append(ranks_from_scores(scores, target_col))
+    result = {"protocol": protocol, "split": split, "users": int(len(users))}
+    if protocol == "sampled":
+        result.update(seed=int(seed), negatives=NUM_SAMPLED_NEGATIVES)
+    else:
+        result.update(exclude_history=bool(exclude_history))
+    result.update(metrics_from_ranks(torch.cat(all_ranks)))
+    return result
+
+
+def format_metrics(result: dict) -> str:
+    """One line: protocol, split and the headline metrics."""
+    head = f"[{result['protocol']}/{result['split']}]"
+    return head + " " + " ".join(f"{name}={result[name]:.4f}" for name in METRIC_NAMES if name in result)
