@@ -1,0 +1,88 @@
+"""Metrics against hand-computed values, and the two protocols."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from feddmmr.baselines import popularity_scorer
+from feddmmr.data.dataset import load_dataset
+from feddmmr.evaluation import evaluate, metrics_from_ranks, ranks_from_scores, sample_candidates
+
+
+def test_metrics_hand_computed():
+    # ranks 0, 3, 7, 15, 40 (0-based)
+    m = metrics_from_ranks(np.array([0, 3, 7, 15, 40]))
+    assert m["HR@5"] == pytest.approx(2 / 5)
+    assert m["HR@10"] == pytest.approx(3 / 5)
+    assert m["HR@20"] == pytest.approx(4 / 5)
+    assert m["NDCG@5"] == pytest.approx((1 + 1 / math.log2(5)) / 5)
+    assert m["NDCG@10"] == pytest.approx((1 + 1 / math.log2(5) + 1 / math.log2(9)) / 5)
+    assert m["NDCG@20"] == pytest.approx((1 + 1 / math.log2(5) + 1 / math.log2(9) + 1 / math.log2(17)) / 5)
+    assert m["MRR"] == pytest.approx((1 + 1 / 4 + 1 / 8 + 1 / 16 + 1 / 41) / 5)
+
+
+def test_ranks_are_pessimistic_on_ties_and_ignore_excluded():
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.1], [1.0, float("-inf"), 0.2, 3.0], [1.0, 1.0, 1.0, 1.0]])
+    ranks = ranks_from_scores(scores, torch.tensor([0, 0, 2]))
+    assert ranks.tolist() == [2, 1, 3]
+
+
+def test_sampled_negatives_avoid_user_items_and_unused_ids(tiny_ml1m):
+    data = load_dataset(tiny_ml1m)
+    cands = sample_candidates(data, "test", seed=0, num_negatives=5)
+    occurring = set(data.occurring_items().tolist())
+    _, _, targets = data.split_bounds("test")
+    for user in range(data.num_users):
+        assert cands[user, 0] == targets[user]
+        negatives = set(cands[user, 1:].tolist())
+        assert len(negatives) == 5
+        assert not negatives & set(data.sequence(user).tolist())
+        assert negatives <= occurring and 0 not in negatives
+
+
+def test_same_seed_same_candidates_other_seed_differs(tiny_ml1m):
+    data = load_dataset(tiny_ml1m)
+    a = sample_candidates(data, "val", seed=3, num_negatives=5)
+    b = sample_candidates(data, "val", seed=3, num_negatives=5)
+    c = sample_candidates(data, "val", seed=4, num_negatives=5)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_too_few_negatives_is_a_clear_error(tiny_ml1m):
+    data = load_dataset(tiny_ml1m)
+    with pytest.raises(ValueError, match="fewer than 100 items"):
+        sample_candidates(data, "val")
+
+
+def test_full_ranking_excludes_history_and_names_protocol(tiny_ml1m):
+    data = load_dataset(tiny_ml1m)
+    _, _, targets = data.split_bounds("test")
+
+    def oracle(users, seq, items):  # puts the target first, history items above it
+        scores = torch.zeros(len(users), data.num_items)
+        scores.scatter_(1, seq, 10.0)
+        scores[torch.arange(len(users)), torch.from_numpy(targets[users])] = 5.0
+        return scores
+
+    result = evaluate(oracle, data, "test", "full")
+    assert result["protocol"] == "full" and result["split"] == "test"
+    assert result["HR@5"] == 1.0 and result["MRR"] == 1.0
+    kept = evaluate(oracle, data, "test", "full", exclude_history=False)
+    assert kept["MRR"] < 1.0
+
+
+def test_popularity_on_a_dataset_where_it_must_win(tmp_path):
+    from .conftest import write_ratings
+
+    # every user ends with item 1 (most popular in training), so popularity ranks the target first
+    rows = []
+    for user in range(1, 9):
+        seq = [1, 2, 3 + user, 1] if user % 2 else [2, 1, 3 + user, 1]
+        rows += [(user, item, 5, step) for step, item in enumerate(seq)]
+    data = load_dataset(write_ratings(tmp_path / "ml", rows))
+    result = evaluate(popularity_scorer(data), data, "test", "full", exclude_history=False)
+    assert result["HR@5"] == 1.0 and result["MRR"] == 1.0
