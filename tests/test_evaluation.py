@@ -81,7 +81,7 @@ def test_popularity_on_a_dataset_where_it_must_win(tmp_path):
     # every user ends with item 1 (most popular in training), so popularity ranks the target first
     rows = []
     for user in range(1, 9):
-        seq = [1, 2, 3 + user, 1] if user % 2 else [2, 1, 3 + user, 1]
+        seq = [1, 3 + user, 2, 1]
         rows += [(user, item, 5, step) for step, item in enumerate(seq)]
     data = load_dataset(write_ratings(tmp_path / "ml", rows))
     result = evaluate(popularity_scorer(data), data, "test", "full", exclude_history=False)
