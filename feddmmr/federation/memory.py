@@ -1,0 +1,196 @@
+"""A client's local dynamic memory (SPEC §4). It lives on the device and is never uploaded.
+
+* Short-term (ST): the last ``st_window`` items.
+* Long-term (LT), ``lt_capacity`` entries ``(item, frequency, last_step)``: an item is written
+  when its novelty ``1 - max cos(item, ST window)`` exceeds the threshold; a near-duplicate of
+  an LT entry (``cos >= duplicate_threshold``) raises that entry's frequency instead; when
+  full, the entry with the lowest utility ``w * recency + (1 - w) * frequency`` expires
+  (recency halves every ``recency_half_life`` steps, frequency is relative to the largest).
+* Retrieval: ``top_k`` item ids, a share from ST (the most recent) and the rest from LT
+  ranked by similarity to the ST centroid; the ST share grows with drift (ST centroid moving
+  away from the LT centroid).
+* Prototypes: K-Means centroids of the LT entries, the only thing a client may share.
+
+Items are compared by a combined content embedding ``norm([norm(visual); norm(text)])``;
+all pairwise similarities come from one ``[num_items, num_items]`` table, so novelty over a
+whole sequence is a vectorised gather, and only the (few) written items loop in Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    st_window: int = 50
+    lt_capacity: int = 200
+    novelty_threshold: float = -1.0  # < 0: use the client's own novelty quantile
+    novelty_quantile: float = 0.9
+    duplicate_threshold: float = 0.74
+    recency_half_life: float = 200.0
+    recency_weight: float = 0.6
+    top_k: int = 20
+    st_fraction: float = 0.25
+    num_prototypes: int = 5
+
+    @classmethod
+    def from_train_config(cls, config) -> "MemoryConfig":
+        return cls(config.st_window, config.lt_capacity, config.novelty_threshold, config.novelty_quantile,
+                   config.duplicate_threshold, config.recency_half_life, config.recency_weight,
+                   config.memory_top_k, config.st_fraction, config.num_prototypes)
+
+
+class ItemSpace:
+    """Combined, normalised item content embeddings and their pairwise cosine similarities."""
+
+    def __init__(self, visual: torch.Tensor | None, text: torch.Tensor | None):
+        parts = [F.normalize(t.float(), dim=-1) for t in (visual, text) if t is not None]
+        if not parts:
+            raise ValueError("the memory needs at least one modality")
+        combined = F.normalize(torch.cat(parts, dim=-1), dim=-1)
+        self.embedding = combined.numpy()
+        self.present = combined.norm(dim=-1).numpy() > 0
+        self.similarity = (combined @ combined.T).numpy()
+
+
+class LocalMemory:
+    """One user's memory; ``observe`` a chronological stretch of items, then ``retrieve``."""
+
+    def __init__(self, config: MemoryConfig, space: ItemSpace, threshold: float):
+        self.config, self.space, self.threshold = config, space, threshold
+        self.step = 0
+        self.recent = np.zeros(0, dtype=np.int64)  # ST window, oldest first
+        self.lt_items = np.zeros(0, dtype=np.int64)
+        self.lt_freq = np.zeros(0, dtype=np.float64)
+        self.lt_last = np.zeros(0, dtype=np.float64)
+        self.writes = 0
+
+    # ------------------------------------------------------------------ writing
+    def novelty(self, items: np.ndarray) -> np.ndarray:
+        """Novelty of each item against the ST window just before it (1 when the window is empty)."""
+        return novelty(self.space, np.concatenate([self.recent, items]), len(self.recent), self.config.st_window)
+
+    def observe(self, items: np.ndarray) -> None:
+        items = np.asarray(items, dtype=np.int64)
+        if len(items) == 0:
+            return
+        novel = self.novelty(items)
+        written = np.flatnonzero((novel > self.threshold) & self.space.present[items])
+        for index in written:
+            self._write(int(items[index]), self.step + int(index))
+        self.step += len(items)
+        self.recent = np.concatenate([self.recent, items])[-self.config.st_window:]
+
+    def _write(self, item: int, step: int) -> None:
+        cfg = self.config
+        if len(self.lt_items):
+            sims = self.space.similarity[item, self.lt_items]
+            best = int(sims.argmax())
+            if sims[best] >= cfg.duplicate_threshold:
+                self.lt_freq[best] += 1.0
+                self.lt_last[best] = step
+                return
+        if len(self.lt_items) >= cfg.lt_capacity:
+            victim = int(self.utility(step).argmin())
+            keep = np.arange(len(self.lt_items)) != victim
+            self.lt_items, self.lt_freq, self.lt_last = self.lt_items[keep], self.lt_freq[keep], self.lt_last[keep]
+        self.lt_items = np.append(self.lt_items, item)
+        self.lt_freq = np.append(self.lt_freq, 1.0)
+        self.lt_last = np.append(self.lt_last, float(step))
+        self.writes += 1
+
+    def utility(self, now: float) -> np.ndarray:
+        recency = 0.5 ** ((now - self.lt_last) / self.config.recency_half_life)
+        frequency = self.lt_freq / self.lt_freq.max()
+        return self.config.recency_weight * recency + (1.0 - self.config.recency_weight) * frequency
+
+    # ------------------------------------------------------------------ reading
+    def drift(self) -> float:
+        """1 - cos(ST centroid, LT centroid); 0 when either part is empty."""
+        st = self.recent[self.space.present[self.recent]]
+        if len(st) == 0 or len(self.lt_items) == 0:
+            return 0.0
+        a = self.space.embedding[st].mean(0)
+        b = self.space.embedding[self.lt_items].mean(0)
+        return float(1.0 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+
+    def retrieve(self) -> np.ndarray:
+        """``top_k`` item ids (0 = empty slot): recent ST items, then LT entries nearest the ST centroid."""
+        cfg = self.config
+        st = self.recent[self.space.present[self.recent]][::-1]  # most recent first
+        st = st[np.sort(np.unique(st, return_index=True)[1])]  # distinct, keep recency order
+        share = min(0.75, cfg.st_fraction + self.drift())
+        n_st = int(round(cfg.top_k * share)) if len(self.lt_items) else cfg.top_k
+        n_st = min(n_st, len(st))
+        n_lt = min(cfg.top_k - n_st, len(self.lt_items))
+        n_st = min(len(st), cfg.top_k - n_lt)  # give unused LT slots back to ST
+        chosen = list(st[:n_st])
+        if n_lt:
+            centroid = self.space.embedding[st].mean(0) if len(st) else self.space.embedding[self.lt_items].mean(0)
+            rank = np.argsort(-(self.space.embedding[self.lt_items] @ centroid), kind="stable")
+            chosen += [i for i in self.lt_items[rank] if i not in set(chosen)][:n_lt]
+        out = np.zeros(cfg.top_k, dtype=np.int64)
+        out[:len(chosen)] = chosen
+        return out
+
+    def prototypes(self, seed: int = 0) -> np.ndarray:
+        """K-Means centroids ``[k, D]`` of the LT entries (fewer entries -> fewer centroids)."""
+        if len(self.lt_items) == 0:
+            return np.zeros((0, self.space.embedding.shape[1]), dtype=np.float32)
+        points = self.space.embedding[self.lt_items]
+        k = min(self.config.num_prototypes, len(np.unique(self.lt_items)))
+        return kmeans(points, k, seed, weights=self.lt_freq)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"step": np.array([self.step]), "recent": self.recent, "lt_items": self.lt_items,
+                "lt_freq": self.lt_freq, "lt_last": self.lt_last, "threshold": np.array([self.threshold]),
+                "writes": np.array([self.writes])}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.step = int(state["step"][0])
+        self.recent = np.asarray(state["recent"], dtype=np.int64)
+        self.lt_items = np.asarray(state["lt_items"], dtype=np.int64)
+        self.lt_freq = np.asarray(state["lt_freq"], dtype=np.float64)
+        self.lt_last = np.asarray(state["lt_last"], dtype=np.float64)
+        self.threshold = float(state["threshold"][0])
+        self.writes = int(state["writes"][0])
+
+
+def novelty(space: ItemSpace, items: np.ndarray, start: int, window: int) -> np.ndarray:
+    """Novelty of ``items[start:]``, each against the ``window`` items before it, vectorised."""
+    positions = np.arange(start, len(items))
+    before = positions[:, None] - np.arange(1, window + 1)[None, :]
+    valid = before >= 0
+    others = items[np.clip(before, 0, None)]
+    sims = space.similarity[items[positions][:, None], others]
+    sims = np.where(valid & space.present[others], sims, -np.inf)
+    best = sims.max(axis=1) if window else np.full(len(positions), -np.inf)
+    return np.where(np.isfinite(best), 1.0 - best, 1.0)
+
+
+def client_threshold(space: ItemSpace, items: np.ndarray, config: MemoryConfig) -> float:
+    """The fixed threshold, or the client's own novelty quantile over its history."""
+    if config.novelty_threshold >= 0:
+        return config.novelty_threshold
+    present = space.present[items]
+    values = novelty(space, items, 0, config.st_window)[present]
+    return float(np.quantile(values, config.novelty_quantile)) if len(values) else 1.0
+
+
+def kmeans(points: np.ndarray, k: int, seed: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Centroids of ``points`` (scikit-learn K-Means, one seeded initialisation)."""
+    from sklearn.cluster import KMeans
+
+    if k <= 0 or len(points) == 0:
+        return np.zeros((0, points.shape[1]), dtype=np.float32)
+    if len(points) <= k:
+        return points.astype(np.float32)
+    model = KMeans(n_clusters=k, n_init=1, random_state=seed, max_iter=50)
+    model.fit(points, sample_weight=weights)
+    return model.cluster_centers_.astype(np.float32)

@@ -1,0 +1,301 @@
+"""FedDMMR's model: SASRec plus visual and semantic experts over the user's memory.
+
+    fused(b, t, c) = LN(seq[b, t]) + g * (w_vis * LN(vis(b, c)) + w_sem * LN(sem(b, c)))
+    score(b, t, c) = <fused(b, t, c), E[c]>
+                   = <LN(seq[b, t]), E[c]> + g * <w_vis * LN(vis) + w_sem * LN(sem), E[c]>
+
+The experts read the memory of user b (a snapshot taken before the scored positions) and the
+candidate item c, never the position t, so the auxiliary part of the score is a per
+(user, item) term added to SASRec's score. That identity is what makes training at every
+position cheap: the experts run once per (user, candidate), not once per (position, candidate).
+
+Missing modalities are all-zero feature rows: an expert with no usable memory entries, or a
+candidate without a poster, gets router weight 0, and with no memory at all the model is
+exactly SASRec.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .sasrec import SASRec
+
+PARAM_GROUPS = ("item_embedding", "backbone", "projectors", "experts", "router", "gate")
+_GROUP_OF_PREFIX = {
+    "sasrec.item_emb.": "item_embedding",
+    "sasrec.": "backbone",
+    "proj_visual.": "projectors",
+    "proj_text.": "projectors",
+    "visual_expert.": "experts",
+    "semantic_expert.": "experts",
+    "vis_ln.": "experts",
+    "sem_ln.": "experts",
+    "router.": "router",
+    "gating_weight": "gate",
+}
+
+
+def group_of(name: str) -> str:
+    """The parameter group of a state-dict key (first matching prefix wins)."""
+    for prefix, group in _GROUP_OF_PREFIX.items():
+        if name.startswith(prefix):
+            return group
+    raise KeyError(f"parameter {name!r} belongs to no parameter group")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model; the message names the group and the key."""
+
+
+def _present(x: torch.Tensor) -> torch.Tensor:
+    """A feature row is present when it is not all zero (missing items are stored as zeros)."""
+    return x.abs().sum(-1) > 0
+
+
+class MemoryAttention(nn.Module):
+    """Multi-head attention of candidate queries ``[B, C, D]`` over memory entries ``[B, K, D]``."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden {hidden} is not divisible by {heads} heads")
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (nn.Linear(hidden, hidden) for _ in range(4))
+
+    def forward(self, query: torch.Tensor, memory: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
+        batch, cands, hidden = query.shape
+        split = lambda x: x.view(batch, x.shape[1], self.heads, hidden // self.heads).transpose(1, 2)
+        # rows without a usable entry attend to everything and are zeroed by the router weight
+        mask = (usable | ~usable.any(1, keepdim=True))[:, None, None, :]
+        a = F.scaled_dot_product_attention(split(self.q(query)), split(self.k(memory)), split(self.v(memory)),
+                                           attn_mask=mask)
+        return self.out(a.transpose(1, 2).reshape(batch, cands, hidden))
+
+
+class UR4RecV2MoE(nn.Module):
+    """The seed's model class and constructor names; see the module docstring for the maths."""
+
+    def __init__(self, num_items: int, sasrec_hidden_dim: int = 128, sasrec_num_blocks: int = 2,
+                 sasrec_num_heads: int = 4, max_seq_len: int = 50, moe_num_heads: int = 8,
+                 visual_dim: int = 512, text_dim: int = 384, dropout: float = 0.1,
+                 gating_init: float = 0.01, contrastive_lambda: float = 0.5,
+                 load_balance_lambda: float = 0.01, contrastive_temperature: float = 0.07,
+                 visual_expert_heads: int = 1, **unused):
+        super().__init__()
+        hidden = sasrec_hidden_dim
+        self.num_items, self.hidden, self.max_seq_len = num_items, hidden, max_seq_len
+        self.visual_dim, self.text_dim = visual_dim, text_dim
+        self.contrastive_lambda, self.load_balance_lambda = contrastive_lambda, load_balance_lambda
+        self.temperature = contrastive_temperature
+        self.sasrec = SASRec(num_items, hidden, sasrec_num_blocks, sasrec_num_heads, max_seq_len, dropout)
+        self.proj_visual = nn.Sequential(nn.Linear(visual_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.proj_text = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.visual_expert = MemoryAttention(hidden, visual_expert_heads)
+        self.semantic_expert = MemoryAttention(hidden, moe_num_heads)
+        self.vis_ln, self.sem_ln = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.router = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 2))
+        self.gating_weight = nn.Parameter(torch.tensor(float(gating_init)))
+        # item content (the same public table on every client); not part of the state dict
+        self.register_buffer("item_visual", torch.zeros(0, visual_dim), persistent=False)
+        self.register_buffer("item_text", torch.zeros(0, text_dim), persistent=False)
+
+    # ------------------------------------------------------------------ parameter groups
+    def named_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in PARAM_GROUPS}
+        for name, param in self.named_parameters():
+            groups[group_of(name)].append((name, param))
+        return groups
+
+    def set_trainable(self, groups: tuple[str, ...] | list[str]) -> None:
+        unknown = set(groups) - set(PARAM_GROUPS)
+        if unknown:
+            raise ValueError(f"unknown parameter group(s) {sorted(unknown)}; known: {PARAM_GROUPS}")
+        for name, param in self.named_parameters():
+            param.requires_grad_(group_of(name) in groups)
+
+    def group_state(self, groups: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
+        """The state-dict entries of ``groups`` (what a client transmits)."""
+        return {k: v for k, v in self.state_dict().items() if group_of(k) in groups}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False, groups=None):
+        """Load, validating every expected key by group first (a clear error, never silent garbage).
+
+        ``groups`` restricts loading to those groups (the others keep their current values).
+        """
+        if "model_state_dict" in state_dict:  # the seed's wrapped format
+            state_dict = state_dict["model_state_dict"]
+        own = self.state_dict()
+        wanted = set(groups) if groups is not None else set(PARAM_GROUPS)
+        if wanted - set(PARAM_GROUPS):  # a misspelt group would otherwise load nothing, silently
+            raise CheckpointError(f"unknown parameter group(s) {sorted(wanted - set(PARAM_GROUPS))}; "
+                                  f"known: {PARAM_GROUPS}")
+        for key, value in own.items():
+            group = group_of(key)
+            if group not in wanted:
+                continue
+            if key not in state_dict:
+                if strict or groups is not None:
+                    raise CheckpointError(f"checkpoint is missing parameter group {group!r} (key {key!r})")
+                continue
+            if tuple(state_dict[key].shape) != tuple(value.shape):
+                raise CheckpointError(f"parameter group {group!r}: key {key!r} has shape "
+                                      f"{tuple(state_dict[key].shape)}, the model expects {tuple(value.shape)}")
+        selected = {k: v for k, v in state_dict.items() if k in own and group_of(k) in wanted}
+        if strict and groups is None:
+            extra = sorted(set(state_dict) - set(own))
+            if extra:
+                raise CheckpointError(f"checkpoint has keys this model does not know: {extra[:5]}")
+        return super().load_state_dict(selected, strict=False, assign=assign)
+
+    # ------------------------------------------------------------------ item content
+    def set_item_features(self, visual: torch.Tensor | None, text: torch.Tensor | None) -> None:
+        """Attach the item feature tables ``[num_items, D]`` (zero rows = missing)."""
+        for name, table, dim in (("item_visual", visual, self.visual_dim), ("item_text", text, self.text_dim)):
+            if table is None:
+                table = torch.zeros(self.num_items, dim)
+            if tuple(table.shape) != (self.num_items, dim):
+                raise ValueError(f"{name} must be [{self.num_items}, {dim}], got {tuple(table.shape)}")
+            setattr(self, name, table.float().to(self.gating_weight.device))
+
+    def _lookup(self, table: torch.Tensor, items: torch.Tensor, dim: int) -> torch.Tensor:
+        if table.shape[0] == 0:
+            return torch.zeros(*items.shape, dim, device=items.device)
+        return table[items]
+
+    # ------------------------------------------------------------------ the model
+    def encode(self, input_seq: torch.Tensor) -> torch.Tensor:
+        """``LN(seq_out)`` at every position: ``[B, L, D]``."""
+        return self.sasrec.seq_ln(self.sasrec(input_seq))
+
+    def auxiliary(self, items: torch.Tensor, memory_visual: torch.Tensor | None,
+                  memory_text: torch.Tensor | None, target_visual: torch.Tensor | None = None,
+                  target_text: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per (user, candidate) auxiliary score term, router weights and load-balance loss.
+
+        items ``[B, C]``; memory ``[B, K, Dv]`` / ``[B, K, Dt]``; returns ``bonus [B, C]``,
+        ``weights [B, C, 2]`` and a scalar. All zero when there is no memory.
+        """
+        batch, cands = items.shape
+        zero = items.new_zeros((batch, cands), dtype=torch.float)
+        if memory_visual is None and memory_text is None:
+            return zero, zero.unsqueeze(-1).expand(-1, -1, 2), zero.sum()
+        if memory_visual is None:
+            memory_visual = memory_text.new_zeros(*memory_text.shape[:2], self.visual_dim)
+        if memory_text is None:
+            memory_text = memory_visual.new_zeros(*memory_visual.shape[:2], self.text_dim)
+        usable_vis, usable_txt = _present(memory_visual), _present(memory_text)
+        if memory_mask is not None:
+            usable_vis, usable_txt = usable_vis & memory_mask, usable_txt & memory_mask
+        mem_vis, mem_txt = self.proj_visual(memory_visual), self.proj_text(memory_text)
+        tgt_vis, has_tvis = self._item_side(items, self.item_visual, target_visual, self.proj_visual)
+        tgt_txt, _ = self._item_side(items, self.item_text, target_text, self.proj_text)
+
+        target_emb = self.sasrec.item_emb(items)
+        vis = self.vis_ln(self.visual_expert(tgt_vis, mem_vis, usable_vis))
+        sem = self.sem_ln(self.semantic_expert(target_emb, mem_txt, usable_txt))
+
+        available = torch.stack([has_tvis & usable_vis.any(1, keepdim=True),
+                                 usable_txt.any(1, keepdim=True).expand(-1, cands)], dim=-1)
+        logits = self.router(torch.cat([tgt_vis, tgt_txt], dim=-1)).masked_fill(~available, -1e4)
+        weights = torch.softmax(logits, dim=-1) * available
+        aux = weights[..., :1] * vis + weights[..., 1:] * sem
+        bonus = self.gating_weight * (aux * target_emb).sum(-1)
+
+        both = available.all(-1)
+        if bool(both.any()):
+            usage = weights[both].mean(0)
+            load_balance = 2.0 * (usage ** 2).sum() - 1.0  # 0 when both experts share evenly
+        else:
+            load_balance = bonus.sum() * 0.0
+        return bonus, weights, load_balance
+
+    def _item_side(self, items: torch.Tensor, table: torch.Tensor, given: torch.Tensor | None,
+                   proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected candidate features (zero when missing) and their presence, ``[B, C, D]``, ``[B, C]``.
+
+        Each distinct item is looked up and projected once: full ranking repeats every item in
+        every row, and gathering ``[B, num_items, 1280]`` raw features would dominate the cost.
+        ``given`` features are per (row, candidate) and used as given, never swapped for another
+        row's features of the same item id; rows broadcast along the batch are projected once.
+        """
+        if given is not None:
+            if given.dim() == 3 and given.stride(0) == 0:  # the same candidates for every row
+                given = given[:1]
+            present = _present(given)
+            projected = proj(given) * present.unsqueeze(-1)
+            return projected.expand(*items.shape, -1), present.expand(items.shape)
+        unique, inverse = torch.unique(items.reshape(-1), return_inverse=True)
+        features = self._lookup(table, unique, proj[0].in_features)
+        present = _present(features)
+        projected = proj(features) * present.unsqueeze(-1)
+        return projected[inverse].view(*items.shape, -1), present[inverse].view(items.shape)
+
+    def score(self, hidden: torch.Tensor, items: torch.Tensor, memory_visual=None, memory_text=None,
+              target_visual=None, memory_mask=None) -> torch.Tensor:
+        """The one scoring rule. ``hidden [B, D]`` (a position), ``items [B, C]`` -> ``[B, C]``."""
+        bonus, _, _ = self.auxiliary(items, memory_visual, memory_text, target_visual, memory_mask=memory_mask)
+        return (hidden.unsqueeze(1) * self.sasrec.item_emb(items)).sum(-1) + bonus
+
+    def forward(self, user_ids=None, input_seq: torch.Tensor = None, target_items: torch.Tensor = None,
+                target_visual: torch.Tensor | None = None, memory_visual: torch.Tensor | None = None,
+                memory_text: torch.Tensor | None = None, training_mode: bool = False,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The seed's call: the last position's scores for ``target_items``.
+
+        ``training_mode=False``: ``target_items [B, N]`` -> ``[B, N]``. ``training_mode=True``:
+        ``target_items [B]`` (one target per sequence) -> ``[B, B]``, every target scored for every
+        sequence (in-batch negatives), ``target_visual`` then ``[B, Dv]``.
+        """
+        hidden = self.encode(input_seq)[:, -1]
+        if training_mode:
+            batch = target_items.shape[0]
+            target_items = target_items.reshape(1, batch).expand(batch, batch)
+            if target_visual is not None:
+                target_visual = target_visual.unsqueeze(0).expand(batch, -1, -1)
+        return self.score(hidden, target_items, memory_visual, memory_text, target_visual, memory_mask)
+
+    # ------------------------------------------------------------------ training losses
+    def losses(self, input_seq: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+               memory_visual: torch.Tensor | None = None, memory_text: torch.Tensor | None = None,
+               memory_mask: torch.Tensor | None = None, align: bool = False) -> dict[str, torch.Tensor]:
+        """Next-item loss at every position plus the auxiliary losses, returned separately.
+
+        input_seq/positives ``[B, L]`` (positives[b, t] follows input_seq[b, t]; 0 = no target),
+        negatives ``[B, N]`` shared by the positions of a sequence. Sampled softmax over
+        (positive, negatives); a negative equal to the positive is masked out.
+        """
+        hidden = self.encode(input_seq)
+        pos_emb, neg_emb = self.sasrec.item_emb(positives), self.sasrec.item_emb(negatives)
+        pos_logit = (hidden * pos_emb).sum(-1)
+        neg_logit = torch.einsum("bld,bnd->bln", hidden, neg_emb)
+        pos_bonus, pos_w, lb_pos = self.auxiliary(positives, memory_visual, memory_text, memory_mask=memory_mask)
+        neg_bonus, _, lb_neg = self.auxiliary(negatives, memory_visual, memory_text, memory_mask=memory_mask)
+        pos_logit = pos_logit + pos_bonus
+        neg_logit = neg_logit + neg_bonus.unsqueeze(1)
+        neg_logit = neg_logit.masked_fill(negatives.unsqueeze(1) == positives.unsqueeze(-1), float("-inf"))
+        logits = torch.cat([pos_logit.unsqueeze(-1), neg_logit], dim=-1)
+        valid = positives != 0
+        next_item = F.cross_entropy(logits[valid], logits.new_zeros(int(valid.sum()), dtype=torch.long))
+        load_balance = 0.5 * (lb_pos + lb_neg)
+        contrastive = self.alignment_loss(positives[valid]) if align else next_item.new_zeros(())
+        total = next_item + self.load_balance_lambda * load_balance + self.contrastive_lambda * contrastive
+        usage = pos_w[valid].mean(0) if bool(valid.any()) else pos_w.new_zeros(2)
+        return {"loss": total, "next_item": next_item.detach(), "load_balance": load_balance.detach(),
+                "contrastive": contrastive.detach(), "router_usage": usage.detach()}
+
+    def alignment_loss(self, items: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE between each item's projected visual and text features."""
+        items = torch.unique(items)
+        visual = self._lookup(self.item_visual, items, self.visual_dim)
+        text = self._lookup(self.item_text, items, self.text_dim)
+        both = _present(visual) & _present(text)
+        if int(both.sum()) < 2:
+            return self.gating_weight.new_zeros(())
+        zv = F.normalize(self.proj_visual(visual[both]), dim=-1)
+        zt = F.normalize(self.proj_text(text[both]), dim=-1)
+        logits = zv @ zt.T / self.temperature
+        labels = torch.arange(len(zv), device=zv.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
