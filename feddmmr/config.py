@@ -33,6 +33,7 @@ class TrainConfig:
     trainable_groups: list[str] = field(default_factory=lambda: ["item_embedding", "backbone"])
     eval_every: int = 1
     eval_protocol: str = "sampled"  # validation protocol used to pick the best round
+    eval_negatives: int = 100  # negatives per user in the sampled protocol (1 + 100)
     seed: int = 0
     # data
     top_users: int | None = 1000

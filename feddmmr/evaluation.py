@@ -116,14 +116,15 @@ def candidates(data: SequenceDataset, split: str, seed: int = 0, cache_dir: Path
 
 def evaluate(score_fn: ScoreFn, data: SequenceDataset, split: str = "val", protocol: str = "sampled", *,
              seed: int = 0, max_len: int = 50, batch_size: int = 512, exclude_history: bool = True,
-             cache_dir: Path | None = None, users: np.ndarray | None = None) -> dict:
+             cache_dir: Path | None = None, users: np.ndarray | None = None,
+             num_negatives: int = NUM_SAMPLED_NEGATIVES) -> dict:
     """Score every user (or ``users``) under one protocol; returns metrics named with their protocol."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
     users = np.arange(data.num_users) if users is None else np.asarray(users)
     _, _, targets = data.split_bounds(split)
     inputs = data.padded_inputs(split, users, max_len)
-    cands = candidates(data, split, seed, cache_dir)[users] if protocol == "sampled" else None
+    cands = candidates(data, split, seed, cache_dir, num_negatives)[users] if protocol == "sampled" else None
     not_candidate = None
     if protocol == "full":
         not_candidate = torch.ones(data.num_items, dtype=torch.bool)
@@ -151,7 +152,7 @@ def evaluate(score_fn: ScoreFn, data: SequenceDataset, split: str = "val", proto
         all_ranks.append(ranks_from_scores(scores, target_col))
     result = {"protocol": protocol, "split": split, "users": int(len(users))}
     if protocol == "sampled":
-        result.update(seed=int(seed), negatives=NUM_SAMPLED_NEGATIVES)
+        result.update(seed=int(seed), negatives=int(num_negatives))
     else:
         result.update(exclude_history=bool(exclude_history))
     result.update(metrics_from_ranks(torch.cat(all_ranks)))

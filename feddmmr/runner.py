@@ -188,13 +188,13 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
         entry = {"round": round_number, "clients": int(len(selected)),
                  "samples": int(sum(clients[int(u)].num_samples for u in selected)),
                  "losses": {k: v / len(selected) for k, v in sums.items()},
-                 "gate": float(model.gating_weight), "train_seconds": round(train_seconds, 3)}
+                 "gate": float(model.gating_weight.detach()), "train_seconds": round(train_seconds, 3)}
         if round_number % config.eval_every == 0 or round_number == config.num_rounds:
             tick = time.time()
             model.eval()
             result = evaluate(memory_scorer(model, fed.content, val_memory, prototypes), data, "val",
                               config.eval_protocol, seed=config.seed, max_len=config.max_seq_len,
-                              cache_dir=out_dir / "cache")
+                              cache_dir=out_dir / "cache", num_negatives=config.eval_negatives)
             entry["val_metrics"] = result
             entry["eval_seconds"] = round(time.time() - tick, 3)
             history["val_metrics"].append(result)
@@ -237,7 +237,7 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
             final[f"{split}_{protocol}"] = evaluate(
                 memory_scorer(model, fed.content, memory_ids, best_prototypes), data, split, protocol,
                 seed=config.seed, max_len=config.max_seq_len, cache_dir=out_dir / "cache",
-                batch_size=256 if protocol == "sampled" else 64)
+                batch_size=256 if protocol == "sampled" else 64, num_negatives=config.eval_negatives)
     history["final"] = final
     history["total_seconds"] = round(sum(r["seconds"] for r in history["rounds"]), 2)
     ckpt.write_json(out_dir / ckpt.HISTORY_FILE, history)
