@@ -50,6 +50,22 @@ class Aggregator:
                 value = value * weight
             self.sums[key] = value if key not in self.sums else self.sums[key] + value
 
+    def partial(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, float]:
+        """The running sums, so a node serving many clients can send one pre-aggregated update."""
+        return self.sums, self.row_weight, self.total
+
+    def merge(self, sums: dict[str, torch.Tensor], row_weight: torch.Tensor | None, total: float) -> None:
+        """Add another aggregator's :meth:`partial` (sums are linear, so the result is the same)."""
+        if total <= 0:
+            return
+        self.total += float(total)
+        for key, value in sums.items():
+            value = value.double()
+            self.sums[key] = value if key not in self.sums else self.sums[key] + value
+        if row_weight is not None:
+            row_weight = row_weight.double()
+            self.row_weight = row_weight if self.row_weight is None else self.row_weight + row_weight
+
     def result(self) -> dict[str, torch.Tensor]:
         if self.total <= 0:
             raise ValueError("no client reported a positive sample count")
