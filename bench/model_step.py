@@ -14,7 +14,6 @@ Prints a markdown table to stdout. Random weights and features: the cost does no
 from __future__ import annotations
 
 import argparse
-import inspect
 import platform
 import statistics
 import time
@@ -75,13 +74,11 @@ def main() -> None:
     every_item = torch.arange(n_items).expand(b, n_items)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
 
-    # the alignment runs over the batch's distinct target items (``align=True`` or, in the
-    # vmap-ready signature, the same items passed as ``align_items``)
-    takes_items = "align_items" in inspect.signature(model.losses).parameters
+    # the alignment runs over the batch's distinct target items
     distinct = torch.unique(positives)
 
     def train_step(memory: bool, align: bool):
-        switch = {"align_items": distinct if align else None} if takes_items else {"align": align}
+        switch = {"align_items": distinct if align else None}
 
         def step():
             model.train()

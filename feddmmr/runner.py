@@ -167,9 +167,9 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
         selected = sample_clients(data.num_users, config.client_fraction, config.seed, round_number)
         aggregator = Aggregator(global_state, config.item_embedding_aggregation)
         received, sums = [], {}
-        for user in selected:
-            update = trainer.train(clients[int(user)], global_state, client_seed(config.seed, round_number, int(user)),
-                                   prototypes)
+        updates = trainer.train_many([clients[int(u)] for u in selected], global_state,
+                                     [client_seed(config.seed, round_number, int(u)) for u in selected], prototypes)
+        for update in updates:
             aggregator.add(update.state, update.num_samples)
             if update.prototypes is not None:
                 received.append(update.prototypes)

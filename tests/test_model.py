@@ -7,7 +7,6 @@ Everything runs on tiny sizes (CPU, a few seconds for the whole file).
 from __future__ import annotations
 
 import copy
-import inspect
 
 import pytest
 import torch
@@ -75,14 +74,8 @@ def training_batch(seed: int = 0, negatives: int = N):
 
 
 def losses(model: UR4RecV2MoE, seq, pos, neg, mem_vis=None, mem_txt=None, align: bool = False) -> dict:
-    """``model.losses`` with the InfoNCE alignment over the batch's target items when ``align``.
-
-    Accepts both spellings of the switch: ``align=True`` (alignment over ``positives``) and
-    ``align_items=[A]`` (the items to align, 0 = padding) used by the vmapped client.
-    """
-    if "align_items" in inspect.signature(model.losses).parameters:
-        return model.losses(seq, pos, neg, mem_vis, mem_txt, align_items=pos.reshape(-1) if align else None)
-    return model.losses(seq, pos, neg, mem_vis, mem_txt, align=align)
+    """``model.losses`` with the InfoNCE alignment over the batch's target items when ``align``."""
+    return model.losses(seq, pos, neg, mem_vis, mem_txt, align_items=pos.reshape(-1) if align else None)
 
 
 def snapshot(model: UR4RecV2MoE) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..data.dataset import SequenceDataset, last_n_padded
 from ..models import UR4RecV2MoE
@@ -118,21 +119,57 @@ class ItemContent:
         return tuple(out)
 
 
-class LocalTrainer:
-    """One model and one optimiser reused for every client a process serves (no deep copies)."""
+class _Losses(nn.Module):
+    """Exposes ``model.losses`` as a forward so ``torch.func.functional_call`` can drive it."""
 
-    def __init__(self, model: UR4RecV2MoE, config, content: ItemContent, item_pool: np.ndarray):
+    def __init__(self, model: UR4RecV2MoE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, targets, negatives, memory_visual, memory_text, align_items):
+        out = self.model.losses(inputs, targets, negatives, memory_visual, memory_text, align_items=align_items)
+        return out["loss"], {k: v for k, v in out.items() if k != "loss"}
+
+
+class LocalTrainer:
+    """Local training for many clients at once, exactly as if each trained alone.
+
+    Clients are independent given the global model, so a group of them trains in one
+    ``torch.func.vmap`` over stacked per-client parameters: each client keeps its own
+    parameters, Adam moments, data order, negatives and step count; a client with fewer
+    batches simply stops updating. This removes the per-client overhead of small batches
+    (a 10-window client is a tiny forward) without changing the algorithm. One model is
+    shared by every client of the process: no per-client copies of the model.
+    """
+
+    betas = (0.9, 0.999)
+    eps = 1e-8
+    align_items = 128  # items per step for the InfoNCE alignment
+
+    def __init__(self, model: UR4RecV2MoE, config, content: ItemContent, item_pool: np.ndarray,
+                 client_batch: int = 16):
         self.model, self.config, self.content = model, config, content
         self.item_pool = torch.from_numpy(np.asarray(item_pool, dtype=np.int64))
-        self.transmitted = config.transmitted_groups
-        groups = list(config.trainable_groups)
-        if config.fix_gate and "gate" in groups:
-            groups.remove("gate")
+        self.client_batch = max(1, int(client_batch))
+        groups = list(config.transmitted_groups)
         model.set_trainable(groups)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        if not self.names:
             raise ValueError(f"stage trains no parameters (trainable_groups={config.trainable_groups})")
-        self.optimizer = torch.optim.Adam(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.wrapper = _Losses(model)
+        self._grads: dict[tuple, callable] = {}
+
+    def _grad(self, params, *batch):
+        """Per-client gradients of the loss: ``vmap(grad(loss))`` (absent inputs are not mapped)."""
+        in_dims = (0,) + tuple(None if x is None else 0 for x in batch)
+        if in_dims not in self._grads:
+            self._grads[in_dims] = torch.func.vmap(torch.func.grad(self._loss, has_aux=True), in_dims=in_dims,
+                                                   randomness="different")
+        return self._grads[in_dims](params, *batch)
+
+    def _loss(self, params, inputs, targets, negatives, memory_visual, memory_text, align_items):
+        return torch.func.functional_call(self.wrapper, {"model." + k: v for k, v in params.items()},
+                                          (inputs, targets, negatives, memory_visual, memory_text, align_items))
 
     def load_global(self, state: dict[str, torch.Tensor]) -> None:
         own = self.model.state_dict()
@@ -142,42 +179,114 @@ class LocalTrainer:
 
     def train(self, client: ClientData, global_state: dict[str, torch.Tensor], seed: int,
               global_prototypes: torch.Tensor | None = None) -> ClientUpdate:
-        cfg = self.config
+        return self.train_many([client], global_state, [seed], global_prototypes)[0]
+
+    def train_many(self, clients: list[ClientData], global_state: dict[str, torch.Tensor], seeds: list[int],
+                   global_prototypes: torch.Tensor | None = None) -> list[ClientUpdate]:
+        """Each client's local update from ``global_state``; results in the order given."""
         self.load_global(global_state)
-        self.optimizer.state.clear()  # a fresh local optimiser per client and round
         self.model.train()
-        generator = torch.Generator().manual_seed(seed)
-        anchors = [p.detach().clone() for p in self.params] if cfg.fedprox_mu > 0 else None
-        use_memory = cfg.use_memory
-        sums: dict[str, float] = {}
-        steps = 0
-        for _ in range(cfg.local_epochs):
+        order = sorted(range(len(clients)), key=lambda i: (-len(clients[i].inputs), i))  # similar sizes batch well
+        results: list[ClientUpdate | None] = [None] * len(clients)
+        for lo in range(0, len(order), self.client_batch):
+            group = order[lo:lo + self.client_batch]
+            for index, update in zip(group, self._train_group([clients[i] for i in group],
+                                                              [seeds[i] for i in group], global_prototypes)):
+                results[index] = update
+        return results
+
+    # ------------------------------------------------------------------ one vmapped group
+    def _plan(self, client: ClientData, generator: torch.Generator) -> list[np.ndarray]:
+        """The client's batches (window rows) over all local epochs, in its own random order."""
+        batches = []
+        for _ in range(self.config.local_epochs):
             order = torch.randperm(len(client.inputs), generator=generator).numpy()
-            for lo in range(0, len(order), cfg.batch_size):
-                rows = order[lo:lo + cfg.batch_size]
-                inputs = torch.from_numpy(client.inputs[rows])
-                targets = torch.from_numpy(client.targets[rows])
-                pick = torch.randint(len(self.item_pool), (len(rows), cfg.num_negatives), generator=generator)
-                negatives = self.item_pool[pick]
-                memory_visual = memory_text = None
-                if use_memory:
-                    memory_visual, memory_text = self.content.memory(client.memory[rows], global_prototypes)
-                out = self.model.losses(inputs, targets, negatives, memory_visual, memory_text,
-                                        align=use_memory and cfg.contrastive_lambda > 0)
-                loss = out["loss"]
-                if anchors is not None:
-                    loss = loss + 0.5 * cfg.fedprox_mu * sum(((p - a) ** 2).sum() for p, a in zip(self.params, anchors))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                steps += 1
-                for key, value in out.items():
+            batches += [order[lo:lo + self.config.batch_size] for lo in range(0, len(order), self.config.batch_size)]
+        return batches
+
+    def _train_group(self, clients: list[ClientData], seeds: list[int],
+                     prototypes: torch.Tensor | None) -> list[ClientUpdate]:
+        cfg = self.config
+        count = len(clients)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        torch.manual_seed(int(seeds[0]))  # dropout masks under vmap come from the global generator
+        plans = [self._plan(c, g) for c, g in zip(clients, generators)]
+        own = dict(self.model.named_parameters())
+        params = {n: own[n].detach().unsqueeze(0).repeat(count, *[1] * own[n].dim()) for n in self.names}
+        anchor = {n: own[n].detach() for n in self.names} if cfg.fedprox_mu > 0 else None
+        first = {n: torch.zeros_like(p) for n, p in params.items()}
+        second = {n: torch.zeros_like(p) for n, p in params.items()}
+        steps = torch.zeros(count)
+        sums: list[dict[str, float]] = [{} for _ in clients]
+        for step in range(max(len(p) for p in plans)):
+            active = torch.tensor([step < len(p) for p in plans])
+            batch = self._batch(clients, [p[step] if step < len(p) else None for p in plans], generators, prototypes)
+            grads, aux = self._grad(params, *batch)
+            steps += active.float()
+            b1, b2 = self.betas
+            shape = lambda t: active.view(-1, *[1] * (t.dim() - 1))
+            with torch.no_grad():
+                for name in self.names:
+                    p, g = params[name], grads[name]
+                    if cfg.weight_decay:
+                        g = g + cfg.weight_decay * p
+                    if anchor is not None:
+                        g = g + cfg.fedprox_mu * (p - anchor[name])
+                    on = shape(p)
+                    first[name] = torch.where(on, b1 * first[name] + (1 - b1) * g, first[name])
+                    second[name] = torch.where(on, b2 * second[name] + (1 - b2) * g * g, second[name])
+                    t = steps.clamp_min(1).view_as(on.float())
+                    update = (first[name] / (1 - b1 ** t)) / ((second[name] / (1 - b2 ** t)).sqrt() + self.eps)
+                    params[name] = torch.where(on, p - cfg.learning_rate * update, p)
+            for index in torch.nonzero(active).flatten().tolist():
+                for key, value in aux.items():
                     if key == "router_usage":
-                        sums["router_visual"] = sums.get("router_visual", 0.0) + float(value[0])
-                        sums["router_semantic"] = sums.get("router_semantic", 0.0) + float(value[1])
+                        pairs = (("router_visual", value[index, 0]), ("router_semantic", value[index, 1]))
                     else:
-                        sums[key] = sums.get(key, 0.0) + float(value.detach())
-        metrics = {key: value / max(steps, 1) for key, value in sums.items()}
-        state = {k: v.detach().clone() for k, v in self.model.group_state(self.transmitted).items()}
-        prototypes = client.prototypes if (use_memory and cfg.use_prototypes) else None
-        return ClientUpdate(state, client.num_samples, prototypes, metrics)
+                        pairs = ((key, value[index]),)
+                    for name, number in pairs:
+                        sums[index][name] = sums[index].get(name, 0.0) + float(number)
+        updates = []
+        for index, client in enumerate(clients):
+            metrics = {k: v / max(len(plans[index]), 1) for k, v in sums[index].items()}
+            state = {n: params[n][index].clone() for n in self.names}
+            shared = client.prototypes if (cfg.use_memory and cfg.use_prototypes) else None
+            updates.append(ClientUpdate(state, client.num_samples, shared, metrics))
+        return updates
+
+    def _batch(self, clients: list[ClientData], rows: list[np.ndarray | None], generators: list[torch.Generator],
+               prototypes: torch.Tensor | None) -> tuple:
+        """Padded ``[G, B, ...]`` tensors for one step (an inactive client gets an all-padding batch)."""
+        cfg = self.config
+        count, width = len(clients), max(len(r) for r in rows if r is not None)
+        length = clients[0].inputs.shape[1]
+        inputs = np.zeros((count, width, length), dtype=np.int64)
+        targets = np.zeros_like(inputs)
+        negatives = torch.zeros((count, width, cfg.num_negatives), dtype=torch.long)
+        memory_k = clients[0].memory.shape[1]
+        memory = np.zeros((count, width, memory_k), dtype=np.int64)
+        align = np.zeros((count, self.align_items), dtype=np.int64)
+        for index, (client, picked) in enumerate(zip(clients, rows)):
+            if picked is None:
+                continue
+            n = len(picked)
+            inputs[index, :n], targets[index, :n] = client.inputs[picked], client.targets[picked]
+            draw = torch.randint(len(self.item_pool), (n, cfg.num_negatives), generator=generators[index])
+            negatives[index, :n] = self.item_pool[draw]
+            if memory_k:
+                memory[index, :n] = client.memory[picked]
+            if cfg.use_memory and cfg.contrastive_lambda > 0:
+                distinct = np.unique(client.targets[picked])
+                distinct = distinct[distinct != 0]
+                if len(distinct) > self.align_items:
+                    keep = torch.randperm(len(distinct), generator=generators[index])[:self.align_items].numpy()
+                    distinct = distinct[np.sort(keep)]
+                align[index, :len(distinct)] = distinct
+        memory_visual = memory_text = None
+        if cfg.use_memory:
+            memory_visual, memory_text = self.content.memory(memory.reshape(count * width, memory_k), prototypes)
+            memory_visual = None if memory_visual is None else memory_visual.view(count, width, *memory_visual.shape[1:])
+            memory_text = None if memory_text is None else memory_text.view(count, width, *memory_text.shape[1:])
+        align_items = torch.from_numpy(align) if (cfg.use_memory and cfg.contrastive_lambda > 0) else None
+        return (torch.from_numpy(inputs), torch.from_numpy(targets), negatives, memory_visual, memory_text,
+                align_items)

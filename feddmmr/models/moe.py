@@ -16,6 +16,8 @@ exactly SASRec.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,11 +69,12 @@ class MemoryAttention(nn.Module):
     def forward(self, query: torch.Tensor, memory: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
         batch, cands, hidden = query.shape
         split = lambda x: x.view(batch, x.shape[1], self.heads, hidden // self.heads).transpose(1, 2)
-        # rows without a usable entry attend to everything and are zeroed by the router weight
+        # rows without a usable entry attend to everything and are zeroed by the router weight;
+        # explicit attention (K is small) because SDPA has no vmap batching rule on CPU
         mask = (usable | ~usable.any(1, keepdim=True))[:, None, None, :]
-        a = F.scaled_dot_product_attention(split(self.q(query)), split(self.k(memory)), split(self.v(memory)),
-                                           attn_mask=mask)
-        return self.out(a.transpose(1, 2).reshape(batch, cands, hidden))
+        q, k, v = split(self.q(query)), split(self.k(memory)), split(self.v(memory))
+        weights = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf")).softmax(-1)
+        return self.out((weights @ v).transpose(1, 2).reshape(batch, cands, hidden))
 
 
 class UR4RecV2MoE(nn.Module):
@@ -171,8 +174,8 @@ class UR4RecV2MoE(nn.Module):
 
     def auxiliary(self, items: torch.Tensor, memory_visual: torch.Tensor | None,
                   memory_text: torch.Tensor | None, target_visual: torch.Tensor | None = None,
-                  target_text: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  target_text: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
+                  dedupe: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per (user, candidate) auxiliary score term, router weights and load-balance loss.
 
         items ``[B, C]``; memory ``[B, K, Dv]`` / ``[B, K, Dt]``; returns ``bonus [B, C]``,
@@ -190,8 +193,8 @@ class UR4RecV2MoE(nn.Module):
         if memory_mask is not None:
             usable_vis, usable_txt = usable_vis & memory_mask, usable_txt & memory_mask
         mem_vis, mem_txt = self.proj_visual(memory_visual), self.proj_text(memory_text)
-        tgt_vis, has_tvis = self._item_side(items, self.item_visual, target_visual, self.proj_visual)
-        tgt_txt, _ = self._item_side(items, self.item_text, target_text, self.proj_text)
+        tgt_vis, has_tvis = self._item_side(items, self.item_visual, target_visual, self.proj_visual, dedupe)
+        tgt_txt, _ = self._item_side(items, self.item_text, target_text, self.proj_text, dedupe)
 
         target_emb = self.sasrec.item_emb(items)
         vis = self.vis_ln(self.visual_expert(tgt_vis, mem_vis, usable_vis))
@@ -204,22 +207,21 @@ class UR4RecV2MoE(nn.Module):
         aux = weights[..., :1] * vis + weights[..., 1:] * sem
         bonus = self.gating_weight * (aux * target_emb).sum(-1)
 
-        both = available.all(-1)
-        if bool(both.any()):
-            usage = weights[both].mean(0)
-            load_balance = 2.0 * (usage ** 2).sum() - 1.0  # 0 when both experts share evenly
-        else:
-            load_balance = bonus.sum() * 0.0
+        # load balance over candidates where both experts are available (masked: vmap-safe)
+        both = available.all(-1).unsqueeze(-1).float()
+        usage = (weights * both).sum((0, 1)) / both.sum().clamp_min(1.0)
+        load_balance = (2.0 * (usage ** 2).sum() - 1.0) * (both.sum() > 0).float()  # 0 at an even split
         return bonus, weights, load_balance
 
     def _item_side(self, items: torch.Tensor, table: torch.Tensor, given: torch.Tensor | None,
-                   proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+                   proj: nn.Module, dedupe: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected candidate features (zero when missing) and their presence, ``[B, C, D]``, ``[B, C]``.
 
-        Each distinct item is looked up and projected once: full ranking repeats every item in
-        every row, and gathering ``[B, num_items, 1280]`` raw features would dominate the cost.
         ``given`` features are per (row, candidate) and used as given, never swapped for another
         row's features of the same item id; rows broadcast along the batch are projected once.
+        Table lookups, with ``dedupe``, look up and project each distinct item once: full ranking
+        repeats every item in every row, and gathering ``[B, num_items, 1280]`` raw features
+        would dominate the cost. Training turns ``dedupe`` off (``torch.unique`` cannot be vmapped).
         """
         if given is not None:
             if given.dim() == 3 and given.stride(0) == 0:  # the same candidates for every row
@@ -227,6 +229,10 @@ class UR4RecV2MoE(nn.Module):
             present = _present(given)
             projected = proj(given) * present.unsqueeze(-1)
             return projected.expand(*items.shape, -1), present.expand(items.shape)
+        if not dedupe:
+            features = self._lookup(table, items, proj[0].in_features)
+            present = _present(features)
+            return proj(features) * present.unsqueeze(-1), present
         unique, inverse = torch.unique(items.reshape(-1), return_inverse=True)
         features = self._lookup(table, unique, proj[0].in_features)
         present = _present(features)
@@ -260,42 +266,58 @@ class UR4RecV2MoE(nn.Module):
     # ------------------------------------------------------------------ training losses
     def losses(self, input_seq: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
                memory_visual: torch.Tensor | None = None, memory_text: torch.Tensor | None = None,
-               memory_mask: torch.Tensor | None = None, align: bool = False) -> dict[str, torch.Tensor]:
+               memory_mask: torch.Tensor | None = None, align_items: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
         """Next-item loss at every position plus the auxiliary losses, returned separately.
 
         input_seq/positives ``[B, L]`` (positives[b, t] follows input_seq[b, t]; 0 = no target),
         negatives ``[B, N]`` shared by the positions of a sequence. Sampled softmax over
-        (positive, negatives); a negative equal to the positive is masked out.
+        (positive, negatives); a negative equal to the positive is masked out. ``align_items``
+        ``[A]`` (0 = padding) are the items the InfoNCE alignment runs over. Everything is
+        masked rather than indexed, so a batch of clients can run under ``torch.func.vmap``.
         """
         hidden = self.encode(input_seq)
         pos_emb, neg_emb = self.sasrec.item_emb(positives), self.sasrec.item_emb(negatives)
         pos_logit = (hidden * pos_emb).sum(-1)
         neg_logit = torch.einsum("bld,bnd->bln", hidden, neg_emb)
-        pos_bonus, pos_w, lb_pos = self.auxiliary(positives, memory_visual, memory_text, memory_mask=memory_mask)
-        neg_bonus, _, lb_neg = self.auxiliary(negatives, memory_visual, memory_text, memory_mask=memory_mask)
+        pos_bonus, pos_w, lb_pos = self.auxiliary(positives, memory_visual, memory_text,
+                                                  memory_mask=memory_mask, dedupe=False)
+        neg_bonus, _, lb_neg = self.auxiliary(negatives, memory_visual, memory_text,
+                                              memory_mask=memory_mask, dedupe=False)
         pos_logit = pos_logit + pos_bonus
         neg_logit = neg_logit + neg_bonus.unsqueeze(1)
         neg_logit = neg_logit.masked_fill(negatives.unsqueeze(1) == positives.unsqueeze(-1), float("-inf"))
         logits = torch.cat([pos_logit.unsqueeze(-1), neg_logit], dim=-1)
-        valid = positives != 0
-        next_item = F.cross_entropy(logits[valid], logits.new_zeros(int(valid.sum()), dtype=torch.long))
+        valid = (positives != 0).float()
+        count = valid.sum().clamp_min(1.0)
+        next_item = ((torch.logsumexp(logits, -1) - logits[..., 0]) * valid).sum() / count
         load_balance = 0.5 * (lb_pos + lb_neg)
-        contrastive = self.alignment_loss(positives[valid]) if align else next_item.new_zeros(())
+        if align_items is not None:
+            contrastive = self.alignment_loss(align_items)
+        else:
+            contrastive = next_item.new_zeros(())
         total = next_item + self.load_balance_lambda * load_balance + self.contrastive_lambda * contrastive
-        usage = pos_w[valid].mean(0) if bool(valid.any()) else pos_w.new_zeros(2)
+        usage = (pos_w * valid.unsqueeze(-1)).sum((0, 1)) / count
         return {"loss": total, "next_item": next_item.detach(), "load_balance": load_balance.detach(),
                 "contrastive": contrastive.detach(), "router_usage": usage.detach()}
 
     def alignment_loss(self, items: torch.Tensor) -> torch.Tensor:
-        """Symmetric InfoNCE between each item's projected visual and text features."""
-        items = torch.unique(items)
+        """Symmetric InfoNCE between each item's projected visual and text features.
+
+        ``items [A]``: rows that are padding (0), lack a modality or repeat an earlier item are
+        masked out, so the loss is the same as over the distinct items with both modalities.
+        """
         visual = self._lookup(self.item_visual, items, self.visual_dim)
         text = self._lookup(self.item_text, items, self.text_dim)
-        both = _present(visual) & _present(text)
-        if int(both.sum()) < 2:
-            return self.gating_weight.new_zeros(())
-        zv = F.normalize(self.proj_visual(visual[both]), dim=-1)
-        zt = F.normalize(self.proj_text(text[both]), dim=-1)
-        logits = zv @ zt.T / self.temperature
-        labels = torch.arange(len(zv), device=zv.device)
-        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+        same = items.unsqueeze(0) == items.unsqueeze(1)
+        first = ~(same & torch.ones_like(same).tril(-1)).any(1)  # first occurrence of each item
+        keep = _present(visual) & _present(text) & (items != 0) & first
+        zv = F.normalize(self.proj_visual(visual), dim=-1)
+        zt = F.normalize(self.proj_text(text), dim=-1)
+        logits = (zv @ zt.T / self.temperature).masked_fill(~(keep.unsqueeze(0) & keep.unsqueeze(1)), -1e4)
+        diag = logits.diagonal()
+        row = torch.logsumexp(logits, 1) - diag
+        col = torch.logsumexp(logits, 0) - diag
+        count = keep.float().sum()
+        loss = ((row + col) * 0.5 * keep.float()).sum() / count.clamp_min(1.0)
+        return loss * (count >= 2).float()
