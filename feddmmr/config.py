@@ -30,6 +30,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     fedprox_mu: float = 0.0  # > 0: FedProx proximal term
     item_embedding_aggregation: str = "updated_rows"  # or "fedavg"
+    server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.9
     trainable_groups: list[str] = field(default_factory=lambda: ["item_embedding", "backbone"])
     eval_every: int = 1
     eval_protocol: str = "sampled"  # validation protocol used to pick the best round

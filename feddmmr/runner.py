@@ -23,7 +23,7 @@ from .evaluation import PROTOCOLS, ScoreFn, evaluate, format_metrics
 from .federation import checkpoint as ckpt
 from .federation.client import ClientData, ItemContent, LocalTrainer, build_clients
 from .federation.memory import ItemSpace, MemoryConfig
-from .federation.server import Aggregator, aggregate_prototypes, sample_clients
+from .federation.server import Aggregator, ServerOptimizer, aggregate_prototypes, sample_clients
 from .models import PARAM_GROUPS, CheckpointError, UR4RecV2MoE
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,10 @@ def eval_memory(clients: dict[int, ClientData], split: str, num_users: int, use_
     return np.stack([clients[u].eval_memory[split] for u in range(num_users)])
 
 
+def make_server_optimizer(config: TrainConfig) -> ServerOptimizer:
+    return ServerOptimizer(config.server_optimizer, config.server_learning_rate, config.server_momentum)
+
+
 def client_seed(seed: int, round_number: int, user: int) -> int:
     return int(np.random.SeedSequence([seed, round_number, user]).generate_state(1)[0])
 
@@ -135,6 +139,7 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
     memory_seconds = time.time() - t0
     trainer = LocalTrainer(copy.deepcopy(model), config, fed.content, data.occurring_items())
     global_state = model.group_state(config.transmitted_groups)
+    server_optimizer = make_server_optimizer(config)
     val_memory = eval_memory(clients, "val", data.num_users, config.use_memory)
     run_config = {
         "train": config.to_dict(), "model": config.model_kwargs(data.num_items, model.visual_dim, model.text_dim),
@@ -151,6 +156,9 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
         state = json.loads(resume_state.read_text())
         model.load_state_dict(ckpt.load_weights(out_dir / ckpt.RESUME_DIR / ckpt.MODEL_FILE))
         global_state = model.group_state(config.transmitted_groups)
+        optimizer_file = out_dir / ckpt.RESUME_DIR / "server_optimizer.safetensors"
+        if optimizer_file.exists():
+            server_optimizer.load_state_dict(ckpt.load_weights(optimizer_file))
         history = json.loads((out_dir / ckpt.HISTORY_FILE).read_text())
         start_round, best_value = state["round"] + 1, state["best_value"]
         prototypes = torch.tensor(state["prototypes"]) if state.get("prototypes") else None
@@ -175,7 +183,7 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
                 received.append(update.prototypes)
             for key, value in update.metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
-        global_state = aggregator.result()
+        global_state = server_optimizer.step(global_state, aggregator.result())
         trainer.load_global(global_state)
         with torch.no_grad():
             own = model.state_dict()
@@ -218,6 +226,8 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
             log.info(summary)
         # the resume point: everything needed to continue after this round
         ckpt.save_weights(out_dir / ckpt.RESUME_DIR / ckpt.MODEL_FILE, model.state_dict())
+        if server_optimizer.state:
+            ckpt.save_weights(out_dir / ckpt.RESUME_DIR / "server_optimizer.safetensors", server_optimizer.state_dict())
         ckpt.write_json(out_dir / ckpt.HISTORY_FILE, history)
         ckpt.write_json(resume_state, {"round": round_number, "best_value": best_value,
                                        "prototypes": prototypes.tolist() if prototypes is not None else None})

@@ -97,3 +97,47 @@ def aggregate_prototypes(prototypes: list[np.ndarray], count: int, seed: int) ->
         return None
     centers = kmeans(np.concatenate(points), count, seed)
     return centers / np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
+
+
+class ServerOptimizer:
+    """How the server applies the clients' mean update ``delta = mean(w_c) - w``.
+
+    ``fedavg`` takes the mean as is; ``fedavgm`` adds server momentum and ``fedadam`` an
+    adaptive server step (Reddi et al., "Adaptive Federated Optimization", ICLR 2021). With
+    many clients doing few local steps each, momentum lets progress accumulate across rounds.
+    """
+
+    KINDS = ("fedavg", "fedavgm", "fedadam")
+
+    def __init__(self, kind: str = "fedavg", learning_rate: float = 1.0, momentum: float = 0.9,
+                 beta2: float = 0.99, tau: float = 1e-3):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown server_optimizer {kind!r}; choose one of {self.KINDS}")
+        self.kind, self.lr, self.momentum, self.beta2, self.tau = kind, learning_rate, momentum, beta2, tau
+        self.state: dict[str, torch.Tensor] = {}
+
+    def step(self, global_state: dict[str, torch.Tensor], mean_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.kind == "fedavg" and self.lr == 1.0:
+            return mean_state
+        out = {}
+        for key, mean in mean_state.items():
+            delta = mean.double() - global_state[key].double()
+            if self.kind == "fedavg":
+                step = delta
+            elif self.kind == "fedavgm":
+                moment = self.momentum * self.state.get("m." + key, torch.zeros_like(delta)) + delta
+                self.state["m." + key] = moment
+                step = moment
+            else:
+                first = self.momentum * self.state.get("m." + key, torch.zeros_like(delta)) + (1 - self.momentum) * delta
+                second = self.beta2 * self.state.get("v." + key, torch.zeros_like(delta)) + (1 - self.beta2) * delta ** 2
+                self.state["m." + key], self.state["v." + key] = first, second
+                step = first / (second.sqrt() + self.tau)
+            out[key] = (global_state[key].double() + self.lr * step).to(global_state[key].dtype)
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.float() if self.kind == "fedadam" else v for k, v in self.state.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = {k: v.double() for k, v in state.items()}
