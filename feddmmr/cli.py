@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--out", type=Path, required=True)
     pipe.add_argument("--seed", type=int, default=0)
     pipe.set_defaults(func=cmd_pipeline)
+
+    from .features.cli import add_features_parser
+
+    add_features_parser(sub)
     return parser
 
 

@@ -1,0 +1,92 @@
+"""``feddmmr features`` (extract, the default action) and ``feddmmr features check``.
+
+One parser with an optional ``action`` positional keeps ``--data`` & co. shared by both actions
+and reuses the main CLI's data arguments unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("feddmmr")
+
+
+def add_features_parser(sub) -> None:
+    from ..cli import add_data_args
+    from .visual_encoder import VISUAL_ENCODERS
+
+    parser = sub.add_parser(
+        "features", help="extract text/visual item features (default) or check them",
+        description="extract (default): write text_features.pt and visual_features.pt to --out. "
+                    "check: mean cosine of consecutive training items vs random pairs, per modality.")
+    parser.add_argument("action", nargs="?", choices=["extract", "check"], default="extract",
+                        help="extract (default) or check")
+    add_data_args(parser)
+    ex = parser.add_argument_group("extract")
+    ex.add_argument("--out", type=Path, help="output folder (e.g. features/ml-1m)")
+    ex.add_argument("--text-encoder", default=None,
+                    help="sentence-transformers model name or local path (default: all-MiniLM-L6-v2, offline)")
+    ex.add_argument("--visual-encoder", choices=VISUAL_ENCODERS, default="efficientnet-lite0")
+    ex.add_argument("--clip-path", default=None,
+                    help="CLIP model folder (or model id when online); default openai/clip-vit-base-patch32")
+    ex.add_argument("--posters", type=Path, default=None, help="poster folder with <raw id>.jpg "
+                                                               "(default: DATA/posters)")
+    ex.add_argument("--item-text", type=Path, default=None,
+                    help="item<TAB>text file keyed by raw item id (custom datasets; overrides ML-1M texts)")
+    ex.add_argument("--modality", choices=["text", "visual", "both"], default="both")
+    ex.add_argument("--force", action="store_true", help="recompute even if the input hash matches")
+    ex.add_argument("--text-batch", type=int, default=64)
+    ex.add_argument("--visual-batch", type=int, default=32)
+    ex.add_argument("--workers", type=int, default=None,
+                    help="DataLoader workers decoding posters (default: 1 if 2+ cores, else 0)")
+    ex.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ex.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    ck = parser.add_argument_group("check")
+    ck.add_argument("--features", type=Path, help="feature folder to check")
+    ck.add_argument("--seed", type=int, default=0, help="seed of the random pairs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=cmd_features, features_parser=parser)
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from . import EncoderError
+
+    try:
+        return cmd_check(args) if args.action == "check" else cmd_extract(args)
+    except EncoderError as exc:
+        print(f"feddmmr: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    import os
+
+    from ..cli import emit, load_from_args
+    from .extract import run_extract
+
+    if args.out is None:
+        args.features_parser.error("extract needs --out DIR")
+    workers = args.workers if args.workers is not None else (1 if (os.cpu_count() or 1) > 1 else 0)
+    data = load_from_args(args)
+    modalities = ("text", "visual") if args.modality == "both" else (args.modality,)
+    summary = run_extract(data, args.data, args.out, args.text_encoder, args.visual_encoder, args.clip_path,
+                          args.posters, args.item_text, modalities, args.force, args.text_batch,
+                          args.visual_batch, workers, args.threads, not args.no_progress)
+    if data.item_raw_ids is not None:
+        data.save_item_mapping(args.out / "item_mapping.tsv")
+    emit(summary, args.json)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from ..cli import emit, load_from_args
+    from .check import feature_check
+
+    if args.features is None:
+        args.features_parser.error("check needs --features DIR")
+    data = load_from_args(args)
+    emit(feature_check(args.features, data, args.seed), args.json)
+    return 0
