@@ -28,6 +28,7 @@ class TrainConfig:
     batch_size: int = 64
     num_negatives: int = 100
     weight_decay: float = 0.0
+    local_optimizer: str = "adam"  # adam | sgd (fresh per client and round)
     fedprox_mu: float = 0.0  # > 0: FedProx proximal term
     item_embedding_aggregation: str = "updated_rows"  # or "fedavg"
     server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam

@@ -151,6 +151,8 @@ class LocalTrainer:
         self.model, self.config, self.content = model, config, content
         self.item_pool = torch.from_numpy(np.asarray(item_pool, dtype=np.int64))
         self.client_batch = max(1, int(client_batch))
+        if config.local_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"unknown local_optimizer {config.local_optimizer!r}; choose 'adam' or 'sgd'")
         groups = list(config.transmitted_groups)
         model.set_trainable(groups)
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -233,6 +235,9 @@ class LocalTrainer:
                     if anchor is not None:
                         g = g + cfg.fedprox_mu * (p - anchor[name])
                     on = shape(p)
+                    if cfg.local_optimizer == "sgd":
+                        params[name] = torch.where(on, p - cfg.learning_rate * g, p)
+                        continue
                     first[name] = torch.where(on, b1 * first[name] + (1 - b1) * g, first[name])
                     second[name] = torch.where(on, b2 * second[name] + (1 - b2) * g * g, second[name])
                     t = steps.clamp_min(1).view_as(on.float())

@@ -1,0 +1,255 @@
+"""Federated training: aggregation, sampling, what a client sends, stages, determinism, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from feddmmr.federation.client import ClientUpdate, ItemContent, LocalTrainer, build_clients, training_windows
+from feddmmr.federation.memory import ItemSpace, MemoryConfig
+from feddmmr.federation.server import ITEM_EMBEDDING_KEY, aggregate, aggregate_prototypes, sample_clients
+from feddmmr.models import CheckpointError
+from feddmmr.runner import restore, run_federated, setup
+
+from .fedtools import tiny_config, tiny_dataset, tiny_features
+
+
+# --------------------------------------------------------------------------- server arithmetic
+
+def test_fedavg_is_weighted_by_sample_count():
+    glob = {"w": torch.zeros(2)}
+    out = aggregate(glob, [({"w": torch.tensor([1.0, 2.0])}, 1), ({"w": torch.tensor([5.0, 6.0])}, 3)])
+    assert torch.allclose(out["w"], torch.tensor([4.0, 5.0]))
+
+
+def test_item_rows_are_averaged_over_the_clients_that_updated_them():
+    glob = {ITEM_EMBEDDING_KEY: torch.zeros(3, 2)}
+    a = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])  # updated rows 1, 2
+    b = torch.tensor([[0.0, 0.0], [0.0, 0.0], [4.0, 4.0]])  # updated row 2 only
+    rows = aggregate(glob, [({ITEM_EMBEDDING_KEY: a}, 1), ({ITEM_EMBEDDING_KEY: b}, 3)], "updated_rows")
+    plain = aggregate(glob, [({ITEM_EMBEDDING_KEY: a}, 1), ({ITEM_EMBEDDING_KEY: b}, 3)], "fedavg")
+    assert rows[ITEM_EMBEDDING_KEY][1].tolist() == [1.0, 1.0]  # only client a touched row 1
+    assert rows[ITEM_EMBEDDING_KEY][2].tolist() == [3.5, 3.5]  # (1*2 + 3*4) / 4
+    assert rows[ITEM_EMBEDDING_KEY][0].tolist() == [0.0, 0.0]  # untouched rows keep the global value
+    assert plain[ITEM_EMBEDDING_KEY][1].tolist() == [0.25, 0.25]
+
+
+def test_client_sampling_is_seeded_and_sized():
+    a = sample_clients(100, 0.1, seed=3, round_number=1)
+    assert len(a) == 10 and len(set(a.tolist())) == 10
+    assert np.array_equal(a, sample_clients(100, 0.1, seed=3, round_number=1))
+    assert not np.array_equal(a, sample_clients(100, 0.1, seed=3, round_number=2))
+    with pytest.raises(ValueError, match="client_fraction"):
+        sample_clients(100, 0.0, 0, 1)
+
+
+def test_prototype_aggregation_gives_unit_global_slots():
+    protos = [np.eye(4, dtype=np.float32)[:2], np.eye(4, dtype=np.float32)[2:]]
+    centers = aggregate_prototypes(protos, 2, seed=0)
+    assert centers.shape == (2, 4) and np.allclose(np.linalg.norm(centers, axis=1), 1.0)
+    assert aggregate_prototypes([], 2, 0) is None
+
+
+# --------------------------------------------------------------------------- the client
+
+def test_training_windows_cover_every_transition_once():
+    sequence = np.arange(1, 13)
+    inputs, targets, starts = training_windows(sequence, 5)
+    pairs = {(int(x), int(y)) for x, y in zip(inputs.ravel(), targets.ravel()) if y}
+    assert pairs == {(i, i + 1) for i in range(1, 12)}
+    assert inputs.shape == (3, 5) and starts.tolist() == [0, 1, 6]
+
+
+def test_memory_snapshot_holds_only_items_before_the_window(tmp_path):
+    data = tiny_dataset(tmp_path)
+    features = tiny_features(tmp_path)
+    config = tiny_config(stage=3)
+    fed = setup(config, data, features, init_dir=None) if False else None
+    from feddmmr.features.store import load_features
+
+    text, visual = load_features(features)
+    space = ItemSpace(visual.features, text.features)
+    clients = build_clients(data, config.max_seq_len, MemoryConfig.from_train_config(config), space)
+    for user, client in clients.items():
+        train = data.sequence(user)[:-2]
+        _, _, starts = training_windows(train, config.max_seq_len)
+        for row, start in enumerate(starts):
+            remembered = set(client.memory[row].tolist()) - {0}
+            assert remembered <= set(train[:start].tolist())
+        assert set(client.eval_memory["val"].tolist()) - {0} <= set(train.tolist())
+
+
+def _trainer(tmp_path, config):
+    data = tiny_dataset(tmp_path)
+    features = tiny_features(tmp_path) if config.use_memory else None
+    if config.stage > 1:
+        stage1 = tmp_path / "stage1"
+        if not stage1.exists():
+            run_federated(tiny_config(1, num_rounds=1), data, stage1, progress=False)
+        fed = setup(config, data, features, stage1)
+    else:
+        fed = setup(config, data, features)
+    memory = MemoryConfig.from_train_config(config) if config.use_memory else None
+    clients = build_clients(data, config.max_seq_len, memory, fed.space)
+    trainer = LocalTrainer(fed.model, config, fed.content, data.occurring_items())
+    return fed, clients, trainer
+
+
+@pytest.mark.parametrize("stage, expected", [(1, {"item_embedding", "backbone"}),
+                                             (3, {"backbone", "projectors", "experts", "router", "gate"})])
+def test_a_client_returns_only_its_trained_groups_a_count_and_prototypes(tmp_path, stage, expected):
+    from feddmmr.models import group_of
+
+    config = tiny_config(stage)
+    fed, clients, trainer = _trainer(tmp_path, config)
+    global_state = fed.model.group_state(config.transmitted_groups)
+    update = trainer.train(clients[0], global_state, seed=0)
+    assert isinstance(update, ClientUpdate)
+    assert set(vars(update)) == {"state", "num_samples", "prototypes", "metrics"}
+    assert {group_of(k) for k in update.state} == expected
+    assert update.num_samples == clients[0].num_samples == len(fed.data.sequence(0)) - 3
+    assert all(isinstance(v, float) for v in update.metrics.values())
+    if stage == 1:
+        assert update.prototypes is None
+    else:
+        assert update.prototypes.shape[1] == 16 + 8  # centroids in content space, never item ids
+        assert update.prototypes.dtype == np.float32
+
+
+def test_fixed_gate_is_neither_trained_nor_sent(tmp_path):
+    config = tiny_config(3, fix_gate=True)
+    fed, clients, trainer = _trainer(tmp_path, config)
+    update = trainer.train(clients[1], fed.model.group_state(config.transmitted_groups), seed=0)
+    assert "gating_weight" not in update.state
+    assert float(trainer.model.gating_weight) == config.gating_init
+
+
+def test_fedprox_pulls_the_local_model_toward_the_global_one(tmp_path):
+    config = tiny_config(1, local_epochs=3, learning_rate=0.05)
+    fed, clients, trainer = _trainer(tmp_path, config)
+    start = fed.model.group_state(config.transmitted_groups)
+    start = {k: v.clone() for k, v in start.items()}
+    free = trainer.train(clients[0], start, seed=0).state
+    config.fedprox_mu = 100.0
+    prox = LocalTrainer(fed.model, config, fed.content, fed.data.occurring_items()).train(clients[0], start, seed=0).state
+    distance = lambda s: sum(float(((s[k] - start[k]) ** 2).sum()) for k in s)
+    assert distance(prox) < distance(free)
+
+
+# --------------------------------------------------------------------------- runs and stages
+
+def test_two_round_federation_is_deterministic_and_writes_a_run_directory(tmp_path):
+    data = tiny_dataset(tmp_path)
+    first = run_federated(tiny_config(1), data, tmp_path / "a", progress=False)
+    second = run_federated(tiny_config(1), data, tmp_path / "b", progress=False)
+    assert [r["val_metrics"] for r in first["rounds"]] == [r["val_metrics"] for r in second["rounds"]]
+    run = tmp_path / "a"
+    for name in ("model.safetensors", "config.json", "train_history.json", "validation_curves.png"):
+        assert (run / name).exists(), name
+    history = json.loads((run / "train_history.json").read_text())
+    assert len(history["val_metrics"]) == 2 and "HR@10" in history["val_metrics"][0]
+    assert history["val_metrics"][0]["protocol"] == "sampled"
+    assert {"test_sampled", "test_full", "val_sampled", "val_full"} <= set(history["final"])
+    entry = history["rounds"][0]
+    assert {"losses", "gate", "seconds", "clients"} <= set(entry)
+    other_seed = run_federated(tiny_config(1, seed=1), data, tmp_path / "c", progress=False)
+    assert [r["losses"] for r in other_seed["rounds"]] != [r["losses"] for r in first["rounds"]]
+
+
+def test_stage3_after_stage1_keeps_the_item_embedding_frozen(tmp_path):
+    data = tiny_dataset(tmp_path)
+    features = tiny_features(tmp_path)
+    run_federated(tiny_config(1), data, tmp_path / "s1", progress=False)
+    history = run_federated(tiny_config(3), data, tmp_path / "s3", features, init_dir=tmp_path / "s1",
+                            progress=False)
+    from safetensors.torch import load_file
+
+    s1, s3 = load_file(str(tmp_path / "s1" / "model.safetensors")), load_file(str(tmp_path / "s3" / "model.safetensors"))
+    assert torch.equal(s1[ITEM_EMBEDDING_KEY], s3[ITEM_EMBEDDING_KEY])
+    assert not torch.equal(s1["sasrec.pos_emb.weight"], s3["sasrec.pos_emb.weight"])
+    config = json.loads((tmp_path / "s3" / "config.json").read_text())
+    assert set(config["trained_groups"]) == {"item_embedding", "backbone", "projectors", "experts", "router", "gate"}
+    assert any("router_visual" in r["losses"] for r in history["rounds"])
+    # the finished run can be restored and scored
+    run = restore(tmp_path / "s3", data)
+    assert run.config.use_memory and run.prototypes is not None
+
+
+def test_a_frozen_group_needs_init(tmp_path):
+    data = tiny_dataset(tmp_path)
+    with pytest.raises(CheckpointError, match="item_embedding"):
+        run_federated(tiny_config(3), data, tmp_path / "s3", tiny_features(tmp_path), progress=False)
+
+
+def test_init_with_missing_or_misshaped_group_fails_naming_it(tmp_path):
+    data = tiny_dataset(tmp_path)
+    features = tiny_features(tmp_path)
+    run_federated(tiny_config(1, sasrec_hidden_dim=8), data, tmp_path / "small", progress=False)
+    with pytest.raises(CheckpointError, match="parameter group 'item_embedding'"):
+        setup(tiny_config(3), data, features, tmp_path / "small")
+    run_federated(tiny_config(1), data, tmp_path / "s1", progress=False)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(tmp_path / "s1" / "model.safetensors"))
+    del weights["sasrec.pos_emb.weight"]
+    save_file(weights, str(tmp_path / "s1" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="backbone"):
+        setup(tiny_config(3), data, features, tmp_path / "s1")
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path):
+    data = tiny_dataset(tmp_path)
+    full = run_federated(tiny_config(1, num_rounds=3), data, tmp_path / "full", progress=False)
+    run_federated(tiny_config(1, num_rounds=2), data, tmp_path / "part", progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_federated(tiny_config(1, num_rounds=3), data, tmp_path / "part", progress=False)
+    resumed = run_federated(tiny_config(1, num_rounds=3), data, tmp_path / "part", resume=True, progress=False)
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
+    assert resumed["rounds"][2]["val_metrics"] == full["rounds"][2]["val_metrics"]
+
+
+def test_merging_partial_aggregates_equals_aggregating_everything():
+    from feddmmr.federation.server import Aggregator
+
+    glob = {ITEM_EMBEDDING_KEY: torch.zeros(4, 2), "w": torch.zeros(3)}
+    generator = torch.Generator().manual_seed(0)
+    updates = []
+    for count in (3, 1, 5, 2):
+        emb = torch.zeros(4, 2)
+        rows = torch.randint(0, 4, (2,), generator=generator)
+        emb[rows] = torch.randn(2, 2, generator=generator)
+        updates.append(({ITEM_EMBEDDING_KEY: emb, "w": torch.randn(3, generator=generator)}, count))
+    everything = aggregate(glob, updates)
+    left, right, server = Aggregator(glob), Aggregator(glob), Aggregator(glob)
+    for state, count in updates[:2]:
+        left.add(state, count)
+    for state, count in updates[2:]:
+        right.add(state, count)
+    server.merge(*left.partial())
+    server.merge(*right.partial())
+    merged = server.result()
+    for key in everything:
+        assert torch.allclose(everything[key], merged[key], atol=1e-6)
+
+
+def test_server_momentum_accumulates_the_mean_update():
+    from feddmmr.federation.server import ServerOptimizer
+
+    glob = {"w": torch.zeros(2)}
+    plain = ServerOptimizer("fedavg")
+    assert torch.equal(plain.step(glob, {"w": torch.ones(2)})["w"], torch.ones(2))
+    momentum = ServerOptimizer("fedavgm", learning_rate=1.0, momentum=0.5)
+    first = momentum.step(glob, {"w": torch.ones(2)})  # m = 1 -> w = 1
+    second = momentum.step(first, {"w": first["w"] + 1})  # m = 0.5 + 1 -> w = 2.5
+    assert torch.allclose(second["w"], torch.full((2,), 2.5))
+    restored = ServerOptimizer("fedavgm", momentum=0.5)
+    restored.load_state_dict(momentum.state_dict())
+    assert torch.allclose(restored.step(second, {"w": second["w"]})["w"], torch.full((2,), 3.25))
+    adam = ServerOptimizer("fedadam", learning_rate=0.1)
+    moved = adam.step(glob, {"w": torch.tensor([1.0, -1.0])})["w"]
+    assert moved[0] > 0 > moved[1]
+    with pytest.raises(ValueError, match="server_optimizer"):
+        ServerOptimizer("sgd")
