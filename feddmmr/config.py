@@ -31,6 +31,7 @@ class TrainConfig:
     local_optimizer: str = "adam"  # adam | sgd (fresh per client and round)
     fedprox_mu: float = 0.0  # > 0: FedProx proximal term
     item_embedding_aggregation: str = "updated_rows"  # or "fedavg"
+    update_negative_items: bool = True  # False: a client only moves rows of items it interacted with
     server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam
     server_learning_rate: float = 1.0
     server_momentum: float = 0.9

@@ -253,3 +253,16 @@ def test_server_momentum_accumulates_the_mean_update():
     assert moved[0] > 0 > moved[1]
     with pytest.raises(ValueError, match="server_optimizer"):
         ServerOptimizer("sgd")
+
+
+def test_without_negative_updates_a_client_moves_only_its_own_item_rows(tmp_path):
+    config = tiny_config(1, update_negative_items=False, num_negatives=20)
+    fed, clients, trainer = _trainer(tmp_path, config)
+    start = {k: v.clone() for k, v in fed.model.group_state(config.transmitted_groups).items()}
+    update = trainer.train(clients[0], start, seed=0)
+    moved = (update.state[ITEM_EMBEDDING_KEY] != start[ITEM_EMBEDDING_KEY]).any(1).nonzero().flatten().tolist()
+    own = set(clients[0].targets.ravel().tolist()) | set(clients[0].inputs.ravel().tolist()) - {0}
+    assert moved and set(moved) <= own
+    config.update_negative_items = True
+    other = LocalTrainer(fed.model, config, fed.content, fed.data.occurring_items()).train(clients[0], start, seed=0)
+    assert ((other.state[ITEM_EMBEDDING_KEY] != start[ITEM_EMBEDDING_KEY]).any(1).sum()) > len(moved)

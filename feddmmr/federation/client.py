@@ -122,12 +122,13 @@ class ItemContent:
 class _Losses(nn.Module):
     """Exposes ``model.losses`` as a forward so ``torch.func.functional_call`` can drive it."""
 
-    def __init__(self, model: UR4RecV2MoE):
+    def __init__(self, model: UR4RecV2MoE, detach_negatives: bool):
         super().__init__()
-        self.model = model
+        self.model, self.detach_negatives = model, detach_negatives
 
     def forward(self, inputs, targets, negatives, memory_visual, memory_text, align_items):
-        out = self.model.losses(inputs, targets, negatives, memory_visual, memory_text, align_items=align_items)
+        out = self.model.losses(inputs, targets, negatives, memory_visual, memory_text, align_items=align_items,
+                                detach_negatives=self.detach_negatives)
         return out["loss"], {k: v for k, v in out.items() if k != "loss"}
 
 
@@ -158,7 +159,7 @@ class LocalTrainer:
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         if not self.names:
             raise ValueError(f"stage trains no parameters (trainable_groups={config.trainable_groups})")
-        self.wrapper = _Losses(model)
+        self.wrapper = _Losses(model, not config.update_negative_items)
         self._grads: dict[tuple, callable] = {}
 
     def _grad(self, params, *batch):

@@ -266,8 +266,8 @@ class UR4RecV2MoE(nn.Module):
     # ------------------------------------------------------------------ training losses
     def losses(self, input_seq: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
                memory_visual: torch.Tensor | None = None, memory_text: torch.Tensor | None = None,
-               memory_mask: torch.Tensor | None = None, align_items: torch.Tensor | None = None
-               ) -> dict[str, torch.Tensor]:
+               memory_mask: torch.Tensor | None = None, align_items: torch.Tensor | None = None,
+               detach_negatives: bool = False) -> dict[str, torch.Tensor]:
         """Next-item loss at every position plus the auxiliary losses, returned separately.
 
         input_seq/positives ``[B, L]`` (positives[b, t] follows input_seq[b, t]; 0 = no target),
@@ -275,9 +275,13 @@ class UR4RecV2MoE(nn.Module):
         (positive, negatives); a negative equal to the positive is masked out. ``align_items``
         ``[A]`` (0 = padding) are the items the InfoNCE alignment runs over. Everything is
         masked rather than indexed, so a batch of clients can run under ``torch.func.vmap``.
+        ``detach_negatives``: the negatives' embedding rows get no gradient, so a client only
+        moves the rows of items it interacted with.
         """
         hidden = self.encode(input_seq)
         pos_emb, neg_emb = self.sasrec.item_emb(positives), self.sasrec.item_emb(negatives)
+        if detach_negatives:
+            neg_emb = neg_emb.detach()
         pos_logit = (hidden * pos_emb).sum(-1)
         neg_logit = torch.einsum("bld,bnd->bln", hidden, neg_emb)
         pos_bonus, pos_w, lb_pos = self.auxiliary(positives, memory_visual, memory_text,
