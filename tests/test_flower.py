@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from feddmmr.config import ConfigError
+from feddmmr.config import ConfigError, load_preset
 from feddmmr.evaluation import METRIC_NAMES, metrics_from_ranks
 from feddmmr.federation import checkpoint as ckpt
 from feddmmr.federation.server import ITEM_EMBEDDING_KEY, Aggregator
@@ -35,10 +35,11 @@ TOL = 1e-9
 
 
 def as_run_config(config) -> dict:
-    """A TrainConfig as run-config entries (what `--run-config` would carry)."""
+    """A TrainConfig as run-config entries (what `--run-config` would carry): the keys that differ from its preset."""
+    preset = load_preset(config.preset).to_dict()
     out = {}
     for key, value in config.to_dict().items():
-        if key == "preset":
+        if key == "preset" or (key != "stage" and value == preset[key]):
             continue
         if isinstance(value, list):
             value = ",".join(value)
@@ -61,7 +62,8 @@ def offline_flower(tmp_path, monkeypatch):
 
 def test_state_dict_round_trips_exactly_with_dtypes():
     state = {"a.weight": torch.randn(3, 4), "b": torch.randn(5, dtype=torch.float64),
-             "c": torch.arange(6).view(2, 3), "empty": torch.zeros(0, 2)}
+             "c": torch.arange(6).view(2, 3), "empty": torch.zeros(0, 2), "gate": torch.tensor(0.01),
+             "strided": torch.randn(4, 3).t()}
     back = msgs.record_to_state(msgs.state_to_record(state))
     assert list(back) == list(state)
     for key in state:
@@ -289,8 +291,10 @@ def test_loopback_deployment_with_three_supernodes(tiny_runs, tmp_path):
         assert [p.name for p in started] == ["superlink", "supernode-0", "supernode-1", "supernode-2"]
         result = deployment.run({**TINY, "data": str(root / "data"), "out": str(tmp_path / "deployed")},
                                 timeout=600, echo=False)
+        running = deployment.processes.pids()  # SuperLink, SuperNodes, their SuperExecs, ...
+        assert len(running) >= 8
     assert all(p.process.poll() is not None for p in started)  # every process we started is gone
-    assert not any(deploy._group_alive(p.process.pid) for p in started)
+    assert not deploy.alive(running)
     assert result.ok, result.output[-3000:]
     _check_run_dir(result.run_dir, result.history, nodes=3)
     _assert_same_results(tiny_runs["inproc"], result.history)

@@ -184,10 +184,15 @@ class Processes:
                 raise RuntimeError(f"{item.name} (pid {item.process.pid}) exited with {item.process.returncode}; "
                                    f"see {item.log}:\n{_tail(item.log)}")
 
+    def pids(self) -> set[int]:
+        """Every process running under the ones started here, right now."""
+        table = process_table()
+        return set().union(*(process_tree(item.process.pid, table) for item in self.started)) if self.started else set()
+
     def stop(self, grace: float = 10.0) -> None:
         own = {item.process.pid for item in self.started}
         for item in reversed(self.started):
-            stop_group(item.process.pid, grace, item.process)
+            stop_tree(item.process.pid, grace, item.process)
         self.started.clear()
         reap_adopted(own)
 
@@ -198,28 +203,9 @@ class Processes:
         self.stop()
 
 
-def stop_group(pid: int, grace: float = 10.0, process: subprocess.Popen | None = None) -> None:
-    """SIGTERM the process group led by ``pid`` (a session we or flwr started), then SIGKILL."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None and not _group_alive(pid):
-            return
-        if process is None and not _group_alive(pid):
-            return
-        time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    if process is not None:
-        process.wait(timeout=5)
-
-
-def _group_alive(pgid: int) -> bool:
+def process_table() -> dict[int, tuple[int, int, str]]:
+    """``pid -> (ppid, pgid, state)`` of every process (Linux /proc)."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -227,9 +213,51 @@ def _group_alive(pgid: int) -> bool:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+        table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0])
+    return table
+
+
+def process_tree(pid: int, table: dict | None = None) -> set[int]:
+    """``pid``, its descendants and the members of its process group (Flower's SuperExec starts
+    the ServerApp/ClientApp processes, some in sessions of their own)."""
+    table = process_table() if table is None else table
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, _, _) in table.items():
+            if ppid == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return tree | {p for p, (_, pgid, _) in table.items() if pgid == pid}
+
+
+def alive(pids) -> set[int]:
+    """The ``pids`` that still run (zombies count as gone)."""
+    table = process_table()
+    return {p for p in pids if p in table and table[p][2] != "Z"}
+
+
+def stop_tree(pid: int, grace: float = 10.0, process: subprocess.Popen | None = None) -> None:
+    """SIGTERM ``pid`` and everything it started (see :func:`process_tree`), SIGKILL what is left
+    after ``grace`` seconds. Only processes found from ``pid``: never by name."""
+    targets = process_tree(pid)
+    for target in targets:
+        try:
+            os.kill(target, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + grace
+    while alive(targets) and time.monotonic() < deadline:
+        if process is not None:
+            process.poll()  # reap our direct child as soon as it exits
+        time.sleep(0.1)
+    for target in alive(targets):
+        try:
+            os.kill(target, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if process is not None:
+        process.wait(timeout=10)
 
 
 def local_superlinks(flwr_home: Path) -> list[int]:
@@ -340,7 +368,7 @@ def simulate(run_config: dict, nodes: int, flwr_home: Path = DEFAULT_HOME, app_d
                                  timeout, ["--federation-config", federation], echo)
     finally:
         for pid in local_superlinks(flwr_home):  # started by `flwr run`, in its own session
-            stop_group(pid)
+            stop_tree(pid)
         reap_adopted()
     return _result(code, output, run_config, tick)
 
@@ -352,6 +380,7 @@ class Deployment:
     nodes: int
     flwr_home: Path = DEFAULT_HOME
     node_config: dict = field(default_factory=dict)  # extra --node-config entries for every node
+    threads: int | None = None  # torch/OpenMP threads per ClientApp process (OMP_NUM_THREADS)
     processes: Processes | None = None
     port: int = 0
 
@@ -359,7 +388,10 @@ class Deployment:
         self.flwr_home = Path(self.flwr_home).resolve()
         self.port = free_port()
         # the SuperNodes' SuperExec looks for new ClientApp tasks every second by default
-        self.env = flower_env(self.flwr_home, {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"})
+        extra = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+        if self.threads:
+            extra.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        self.env = flower_env(self.flwr_home, extra)
         self.processes = Processes(self.flwr_home / "logs", self.env)
         try:
             self.processes.start("superlink", [
@@ -393,8 +425,8 @@ class Deployment:
 
 
 def deploy(run_config: dict, nodes: int, flwr_home: Path = DEFAULT_HOME, app_dir: Path = APP_DIR,
-           timeout: float = 3600.0, echo: bool = True) -> RunResult:
-    with Deployment(nodes, flwr_home) as deployment:
+           timeout: float = 3600.0, echo: bool = True, threads: int | None = None) -> RunResult:
+    with Deployment(nodes, flwr_home, threads=threads) as deployment:
         return deployment.run(run_config, app_dir, timeout, echo)
 
 
@@ -412,9 +444,16 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--flwr-home", type=Path, default=DEFAULT_HOME)
         cmd.add_argument("--app", type=Path, default=APP_DIR)
         cmd.add_argument("--timeout", type=float, default=3600.0)
+        if name == "deploy":
+            cmd.add_argument("--threads", type=int, default=None,
+                             help="torch threads per ClientApp process (OMP_NUM_THREADS); 1 avoids "
+                                  "oversubscribing when several SuperNodes share a machine")
         cmd.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
                          help="run config entry (repeatable), e.g. -c num_rounds=2 -c stage=1")
     args = parser.parse_args(argv)
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so every process started here is stopped on the way out
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda number, frame: sys.exit(128 + number))
     if args.command == "init-home":
         print(write_flower_config(args.flwr_home))
         return 0
@@ -423,8 +462,11 @@ def main(argv: list[str] | None = None) -> int:
         key, _, value = pair.partition("=")
         run_config[key.strip()] = parse_value(value.strip())
     run_config.setdefault("out", str(REPO / "runs" / f"flower_{args.command}"))
-    run = simulate if args.command == "simulate" else deploy
-    result = run(run_config, args.nodes, flwr_home=args.flwr_home, app_dir=args.app, timeout=args.timeout)
+    if args.command == "simulate":
+        result = simulate(run_config, args.nodes, flwr_home=args.flwr_home, app_dir=args.app, timeout=args.timeout)
+    else:
+        result = deploy(run_config, args.nodes, flwr_home=args.flwr_home, app_dir=args.app, timeout=args.timeout,
+                        threads=args.threads)
     if not result.ok:
         print(f"the Flower run did not complete (flwr exit {result.returncode}); logs in {args.flwr_home / 'logs'}",
               file=sys.stderr)

@@ -30,7 +30,8 @@ LOSS_PREFIX = "loss."
 
 
 def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({key: Array.from_numpy_ndarray(np.ascontiguousarray(value)) for key, value in arrays.items()})
+    # np.asarray, not np.ascontiguousarray: the latter turns a 0-d array (the gate) into shape (1,)
+    return ArrayRecord({key: Array.from_numpy_ndarray(np.asarray(value)) for key, value in arrays.items()})
 
 
 def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
