@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=None)
     tr.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
     tr.set_defaults(func=cmd_train)
 
     rec = sub.add_parser("recommend", help="top-K unseen items for one user")
@@ -312,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for both stages")
     pipe.add_argument("--seed", type=int, default=0)
     pipe.add_argument("--no-progress", action="store_true")
+    pipe.add_argument("--threads", type=int, default=None,
+                      help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
     pipe.set_defaults(func=cmd_pipeline)
 
     from .features.cli import add_features_parser
@@ -322,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -28,13 +27,16 @@ class CausalBlock(nn.Module):
         self.ln_ffn = nn.LayerNorm(hidden)
         self.ffn = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
         self.drop = nn.Dropout(dropout)
+        self.attn_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
         batch, length, hidden = x.shape
         q, k, v = self.qkv(self.ln_attn(x)).view(batch, length, 3, self.heads, hidden // self.heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        # explicit attention: L is small, and SDPA has no vmap batching rule on CPU (clients train vmapped)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        weights = self.attn_drop(scores.masked_fill(~attend, float("-inf")).softmax(-1))
+        a = weights @ v
         x = x + self.drop(self.out(a.transpose(1, 2).reshape(batch, length, hidden)))
         return x + self.drop(self.ffn(self.ln_ffn(x)))
 
