@@ -32,8 +32,9 @@ centralized 1 epoch, output in ``bench/results/quality_quick`` unless ``--out``.
 1,000 users: each of the 7 memory runs pays a fixed cost at 1,000 users (building 1,000 memories,
 then scoring every user on both splits and protocols after the last round), so ``--quick
 --top-users 1000`` takes roughly 20-30 minutes. Numbers from ``--quick`` are not results.
-On a shared machine ``--threads 1`` is several times faster than torch's two spinning threads. ``--set`` overrides apply to every trained config
-(after the preset and ``--quick``, before a method's own ablation keys).
+On a shared machine ``--threads 1`` is several times faster than torch's two spinning threads.
+``--set`` overrides apply to every trained config (after the preset and ``--quick``, before a
+method's own ablation keys).
 """
 
 from __future__ import annotations

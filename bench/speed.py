@@ -203,13 +203,15 @@ def measure(data_path: str, users: int, stage: int, rounds: int, out: str, featu
             "windows": int(sum(len(c.inputs) for c in clients)),
             "train_seconds": train, "eval_seconds": entry.get("eval_seconds", 0.0),
             "local_seconds": round(timing["local_seconds"], 3),
-            "local_cpu_seconds": round(timing["local_cpu_seconds"], 3), "grad_seconds": round(timing["grad_seconds"], 3),
+            "local_cpu_seconds": round(timing["local_cpu_seconds"], 3),
+            "grad_seconds": round(timing["grad_seconds"], 3),
             "grad_calls": timing["grad_calls"], "overhead_seconds": round(train - timing["grad_seconds"], 3),
             "overhead_ms_per_client": round(1000 * (train - timing["grad_seconds"]) / entry["clients"], 2),
             "central_seconds": round(central, 3), "fed_over_central": round(train / central, 3)})
     return {"users": data.num_users, "stage": stage, "preset": config.preset, "rounds": per_round,
             "memory_build_seconds": history["memory_build_seconds"], "peak_rss_mb": round(peak_mb, 1),
-            "run_wall_seconds": round(wall, 1), "run_cpu_seconds": round(cpu, 1), "torch_threads": torch.get_num_threads(),
+            "run_wall_seconds": round(wall, 1), "run_cpu_seconds": round(cpu, 1),
+            "torch_threads": torch.get_num_threads(),
             "config": config.to_dict(), "run_dir": str(run_dir),
             "val_ndcg10": history["val_metrics"][-1]["NDCG@10"] if history["val_metrics"] else None}
 
@@ -229,7 +231,8 @@ def summary_row(result: dict) -> list[str]:
         return statistics.mean(r[key] for r in rounds)
 
     return [str(result["users"]), str(result["stage"]), f"{mean('clients'):.0f}", f"{mean('samples'):.0f}",
-            f"{result['rounds'][0]['train_seconds']:.1f}", f"{mean('train_seconds'):.1f}", f"{mean('eval_seconds'):.1f}", f"{mean('grad_seconds'):.1f}",
+            f"{result['rounds'][0]['train_seconds']:.1f}", f"{mean('train_seconds'):.1f}",
+            f"{mean('eval_seconds'):.1f}", f"{mean('grad_seconds'):.1f}",
             f"{mean('overhead_seconds'):.1f}", f"{mean('overhead_ms_per_client'):.0f}",
             f"{mean('central_seconds'):.1f}", f"{mean('fed_over_central'):.2f}",
             f"{result['memory_build_seconds']:.1f}", f"{result['peak_rss_mb']:.0f}"]
@@ -239,8 +242,9 @@ def speed_table(results: list[dict], args: argparse.Namespace, info: dict, load_
     lines = [
         "# Federated round speed",
         "",
-        f"ML-1M, top N users; presets {', '.join(f'Stage {s} `{p}`' for s, p in STAGE_PRESETS.items() if s in args.stages)}"
-        f", {args.rounds} round(s) each, seed {args.seed}; per-round columns are means over rounds 2.. (round 1 "
+        "ML-1M, top N users; presets "
+        + ", ".join(f"Stage {s} `{p}`" for s, p in STAGE_PRESETS.items() if s in args.stages)
+        + f", {args.rounds} round(s) each, seed {args.seed}; per-round columns are means over rounds 2.. (round 1 "
         "carries the warm-up and has its own column; with one round, that round)"
         + (f", `--set {' '.join(args.set)}`" if args.set else "") + ". Stage 3 starts from the Stage 1 run "
         "just measured and reads the multimodal memory.",
