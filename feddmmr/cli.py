@@ -173,7 +173,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
-PIPELINE_STAGES = (("stage1", "stage1_backbone"), ("stage3", "stage3_skip_stage2"))
+PIPELINE_STAGES = (("stage1", "stage1_tuned"), ("stage3", "stage3_tuned"))
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
