@@ -122,6 +122,8 @@ def centralized_pass(trainer, config, clients, global_state, prototypes, seed: i
     import numpy as np
     import torch
 
+    from feddmmr.centralized import pooled_pass
+
     model = copy.deepcopy(trainer.model)
     own = model.state_dict()
     with torch.no_grad():
@@ -134,30 +136,11 @@ def centralized_pass(trainer, config, clients, global_state, prototypes, seed: i
     inputs = np.concatenate([c.inputs for c in clients])
     targets = np.concatenate([c.targets for c in clients])
     memory = np.concatenate([c.memory for c in clients])
-    pool, align_width = trainer.item_pool, trainer.align_items
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    order = torch.randperm(len(inputs), generator=generator).numpy()
-    for lo in range(0, len(order), config.batch_size):
-        rows = order[lo:lo + config.batch_size]
-        negatives = pool[torch.randint(len(pool), (len(rows), config.num_negatives), generator=generator)]
-        memory_visual = memory_text = None
-        if config.use_memory:
-            memory_visual, memory_text = trainer.content.memory(memory[rows], prototypes)
-        align = None
-        if config.use_memory and config.contrastive_lambda > 0:
-            distinct = np.unique(targets[rows])
-            distinct = distinct[distinct != 0]
-            if len(distinct) > align_width:
-                distinct = np.sort(distinct[torch.randperm(len(distinct), generator=generator)[:align_width].numpy()])
-            align = torch.zeros(align_width, dtype=torch.long)
-            align[:len(distinct)] = torch.from_numpy(distinct)
-        out = model.losses(torch.from_numpy(inputs[rows]), torch.from_numpy(targets[rows]), negatives,
-                           memory_visual, memory_text, align_items=align)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizer.step()
+    pooled_pass(model, optimizer, inputs, targets, memory, trainer.content, trainer.item_pool, config, generator,
+                prototypes)
     return time.perf_counter() - start
 
 

@@ -16,11 +16,11 @@ import torch
 
 from .config import TrainConfig
 from .data.dataset import SequenceDataset
-from .evaluation import PROTOCOLS, evaluate, format_metrics
+from .evaluation import evaluate, format_metrics
 from .federation import checkpoint as ckpt
 from .federation.client import build_clients
 from .federation.memory import MemoryConfig
-from .runner import SELECT_METRIC, eval_memory, memory_scorer, plot_history, setup
+from .runner import SELECT_METRIC, eval_memory, final_scores, memory_scorer, plot_history, setup
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +51,7 @@ def run_centralized(config: TrainConfig, data: SequenceDataset, out_dir: Path, e
     best = -1.0
     for epoch in range(1, epochs + 1):
         tick = time.time()
-        model.train()
-        order = torch.randperm(len(inputs), generator=generator).numpy()
-        losses = []
-        for lo in range(0, len(order), config.batch_size):
-            rows = order[lo:lo + config.batch_size]
-            negatives = pool[torch.randint(len(pool), (len(rows), config.num_negatives), generator=generator)]
-            memory_visual = memory_text = None
-            if config.use_memory:
-                memory_visual, memory_text = fed.content.memory(memory[rows], None)
-            align = torch.from_numpy(np.unique(targets[rows])) if config.use_memory and config.contrastive_lambda > 0 else None
-            out = model.losses(torch.from_numpy(inputs[rows]), torch.from_numpy(targets[rows]), negatives,
-                               memory_visual, memory_text, align_items=align)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            optimizer.step()
-            losses.append(float(out["next_item"]))
+        losses = pooled_pass(model, optimizer, inputs, targets, memory, fed.content, pool, config, generator)
         train_seconds = time.time() - tick
         model.eval()
         result = evaluate(memory_scorer(model, fed.content, val_memory, None), data, "val", config.eval_protocol,
@@ -85,16 +70,33 @@ def run_centralized(config: TrainConfig, data: SequenceDataset, out_dir: Path, e
                  format_metrics(result))
         ckpt.write_json(out_dir / ckpt.HISTORY_FILE, history)
     model.load_state_dict(ckpt.load_weights(out_dir / ckpt.MODEL_FILE))
-    model.eval()
-    test_memory = eval_memory(clients, "test", data.num_users, config.use_memory)
-    history["final"] = {}
-    for split, memory_ids in (("val", val_memory), ("test", test_memory)):
-        for protocol in PROTOCOLS:
-            history["final"][f"{split}_{protocol}"] = evaluate(
-                memory_scorer(model, fed.content, memory_ids, None), data, split, protocol, seed=config.seed,
-                max_len=config.max_seq_len, cache_dir=out_dir / "cache", num_negatives=config.eval_negatives,
-                batch_size=256 if protocol == "sampled" else 64)
+    history["final"] = final_scores(model, fed.content, clients, data, config, None, out_dir / "cache")
     history["total_seconds"] = round(sum(r["seconds"] for r in history["rounds"]), 2)
     ckpt.write_json(out_dir / ckpt.HISTORY_FILE, history)
     plot_history(history, out_dir / "validation_curves.png", "centralized")
     return history
+
+
+def pooled_pass(model, optimizer: torch.optim.Optimizer, inputs: np.ndarray, targets: np.ndarray,
+                memory: np.ndarray, content, pool: torch.Tensor, config: TrainConfig,
+                generator: torch.Generator, prototypes: torch.Tensor | None = None) -> list[float]:
+    """One shuffled pass of plain mini-batch training over pooled windows; the next-item losses."""
+    model.train()
+    order = torch.randperm(len(inputs), generator=generator).numpy()
+    losses = []
+    for lo in range(0, len(order), config.batch_size):
+        rows = order[lo:lo + config.batch_size]
+        negatives = pool[torch.randint(len(pool), (len(rows), config.num_negatives), generator=generator)]
+        memory_visual = memory_text = None
+        if config.use_memory:
+            memory_visual, memory_text = content.memory(memory[rows], prototypes)
+        align = None
+        if config.use_memory and config.contrastive_lambda > 0:
+            align = torch.from_numpy(np.unique(targets[rows]))
+        out = model.losses(torch.from_numpy(inputs[rows]), torch.from_numpy(targets[rows]), negatives,
+                           memory_visual, memory_text, align_items=align)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(float(out["next_item"]))
+    return losses

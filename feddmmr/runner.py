@@ -212,7 +212,7 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
                 ckpt.save_weights(out_dir / ckpt.MODEL_FILE, model.state_dict(), {"round": round_number})
                 if prototypes is not None:
                     np.save(out_dir / "global_prototypes.npy", prototypes.numpy(), allow_pickle=False)
-        entry["seconds"] = round(time.time() - tick + train_seconds, 3) if "eval_seconds" in entry else round(train_seconds, 3)
+        entry["seconds"] = round(train_seconds + entry.get("eval_seconds", 0.0), 3)
         history["rounds"].append(entry)
         summary = (f"round {round_number}/{config.num_rounds}: {len(selected)} clients, "
                    f"loss {entry['losses'].get('next_item', float('nan')):.4f}, gate {entry['gate']:.4f}, "
@@ -240,14 +240,7 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
     best_prototypes = None
     if (out_dir / "global_prototypes.npy").exists():
         best_prototypes = torch.from_numpy(np.load(out_dir / "global_prototypes.npy", allow_pickle=False))
-    test_memory = eval_memory(clients, "test", data.num_users, config.use_memory)
-    final = {}
-    for split, memory_ids in (("val", val_memory), ("test", test_memory)):
-        for protocol in PROTOCOLS:
-            final[f"{split}_{protocol}"] = evaluate(
-                memory_scorer(model, fed.content, memory_ids, best_prototypes), data, split, protocol,
-                seed=config.seed, max_len=config.max_seq_len, cache_dir=out_dir / "cache",
-                batch_size=256 if protocol == "sampled" else 64, num_negatives=config.eval_negatives)
+    final = final_scores(model, fed.content, clients, data, config, best_prototypes, out_dir / "cache")
     history["final"] = final
     history["total_seconds"] = round(sum(r["seconds"] for r in history["rounds"]), 2)
     ckpt.write_json(out_dir / ckpt.HISTORY_FILE, history)
@@ -256,6 +249,21 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
     for key in ("test_sampled", "test_full"):
         print(f"best round {history['best_round']} " + format_metrics(final[key]))
     return history
+
+
+def final_scores(model: UR4RecV2MoE, content: ItemContent, clients: dict[int, ClientData], data: SequenceDataset,
+                 config: TrainConfig, prototypes: torch.Tensor | None, cache_dir: Path) -> dict:
+    """The best model on both splits under both protocols (run once, after training)."""
+    model.eval()
+    final = {}
+    for split in ("val", "test"):
+        scorer = memory_scorer(model, content, eval_memory(clients, split, data.num_users, config.use_memory),
+                               prototypes)
+        for protocol in PROTOCOLS:
+            final[f"{split}_{protocol}"] = evaluate(
+                scorer, data, split, protocol, seed=config.seed, max_len=config.max_seq_len, cache_dir=cache_dir,
+                batch_size=256 if protocol == "sampled" else 64, num_negatives=config.eval_negatives)
+    return final
 
 
 def save_memory_state(path: Path, clients: dict[int, ClientData]) -> None:

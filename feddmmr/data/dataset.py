@@ -100,15 +100,6 @@ class SequenceDataset:
         _, idx = ranges(start, end)
         return np.bincount(self.items[idx], minlength=self.num_items)
 
-    def subset(self, users: np.ndarray) -> "SequenceDataset":
-        """The same item index restricted to ``users`` (rows, in the given order)."""
-        users = np.asarray(users, dtype=np.int64)
-        lengths = self.lengths[users]
-        rows, items = self.history_mask_rows(users)
-        return SequenceDataset(items, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                               self.user_ids[users], self.num_items, self.layout, self.source,
-                               self.item_raw_ids, self.titles, self.dropped_users)
-
     def stats(self) -> dict:
         lengths = self.lengths
         return {
