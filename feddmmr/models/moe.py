@@ -67,8 +67,9 @@ class MemoryAttention(nn.Module):
         self.q, self.k, self.v, self.out = (nn.Linear(hidden, hidden) for _ in range(4))
 
     def forward(self, query: torch.Tensor, memory: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
-        batch, cands, hidden = query.shape
-        split = lambda x: x.view(batch, x.shape[1], self.heads, hidden // self.heads).transpose(1, 2)
+        """``query`` may be ``[1, C, D]`` (the same candidates for every row): projected once, broadcast."""
+        batch, (cands, hidden) = memory.shape[0], query.shape[1:]
+        split = lambda x: x.view(x.shape[0], x.shape[1], self.heads, hidden // self.heads).transpose(1, 2)
         # rows without a usable entry attend to everything and are zeroed by the router weight;
         # explicit attention (K is small) because SDPA has no vmap batching rule on CPU
         mask = (usable | ~usable.any(1, keepdim=True))[:, None, None, :]
@@ -193,6 +194,10 @@ class UR4RecV2MoE(nn.Module):
         if memory_mask is not None:
             usable_vis, usable_txt = usable_vis & memory_mask, usable_txt & memory_mask
         mem_vis, mem_txt = self.proj_visual(memory_visual), self.proj_text(memory_text)
+        # full ranking gives every row the same candidates: the item-only terms (projections, queries,
+        # router logits) are then computed once, on one row, and broadcast over the users
+        if batch > 1 and items.stride(0) == 0 and target_visual is None and target_text is None:
+            items = items[:1]
         tgt_vis, has_tvis = self._item_side(items, self.item_visual, target_visual, self.proj_visual, dedupe)
         tgt_txt, _ = self._item_side(items, self.item_text, target_text, self.proj_text, dedupe)
 
@@ -202,7 +207,7 @@ class UR4RecV2MoE(nn.Module):
 
         available = torch.stack([has_tvis & usable_vis.any(1, keepdim=True),
                                  usable_txt.any(1, keepdim=True).expand(-1, cands)], dim=-1)
-        logits = self.router(torch.cat([tgt_vis, tgt_txt], dim=-1)).masked_fill(~available, -1e4)
+        logits = torch.where(available, self.router(torch.cat([tgt_vis, tgt_txt], dim=-1)), -1e4)
         weights = torch.softmax(logits, dim=-1) * available
         aux = weights[..., :1] * vis + weights[..., 1:] * sem
         bonus = self.gating_weight * (aux * target_emb).sum(-1)
