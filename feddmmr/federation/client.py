@@ -226,24 +226,8 @@ class LocalTrainer:
             batch = self._batch(clients, [p[step] if step < len(p) else None for p in plans], generators, prototypes)
             grads, aux = self._grad(params, *batch)
             steps += active.float()
-            b1, b2 = self.betas
-            shape = lambda t: active.view(-1, *[1] * (t.dim() - 1))
             with torch.no_grad():
-                for name in self.names:
-                    p, g = params[name], grads[name]
-                    if cfg.weight_decay:
-                        g = g + cfg.weight_decay * p
-                    if anchor is not None:
-                        g = g + cfg.fedprox_mu * (p - anchor[name])
-                    on = shape(p)
-                    if cfg.local_optimizer == "sgd":
-                        params[name] = torch.where(on, p - cfg.learning_rate * g, p)
-                        continue
-                    first[name] = torch.where(on, b1 * first[name] + (1 - b1) * g, first[name])
-                    second[name] = torch.where(on, b2 * second[name] + (1 - b2) * g * g, second[name])
-                    t = steps.clamp_min(1).view_as(on.float())
-                    update = (first[name] / (1 - b1 ** t)) / ((second[name] / (1 - b2 ** t)).sqrt() + self.eps)
-                    params[name] = torch.where(on, p - cfg.learning_rate * update, p)
+                self._step(params, grads, first, second, steps, active, anchor)
             for index in torch.nonzero(active).flatten().tolist():
                 for key, value in aux.items():
                     if key == "router_usage":
@@ -259,6 +243,43 @@ class LocalTrainer:
             shared = client.prototypes if (cfg.use_memory and cfg.use_prototypes) else None
             updates.append(ClientUpdate(state, client.num_samples, shared, metrics))
         return updates
+
+    def _step(self, params: dict, grads: dict, first: dict, second: dict, steps: torch.Tensor,
+              active: torch.Tensor, anchor: dict | None) -> None:
+        """One optimiser step for every active client, in place (fresh Adam or SGD per client).
+
+        The stacked parameters and moments are the largest tensors a round touches (the item
+        embedding times the group size), so the common case, every client active at the same
+        step, runs as in-place arithmetic; clients that already finished are masked otherwise.
+        """
+        cfg, (b1, b2) = self.config, self.betas
+        uniform = bool(active.all()) and bool((steps == steps[0]).all())
+        for name in self.names:
+            p, g = params[name], grads[name]
+            if cfg.weight_decay:
+                g.add_(p, alpha=cfg.weight_decay)
+            if anchor is not None:
+                g.add_(p - anchor[name], alpha=cfg.fedprox_mu)
+            if uniform:
+                if cfg.local_optimizer == "sgd":
+                    p.sub_(g, alpha=cfg.learning_rate)
+                    continue
+                t = float(steps[0])
+                m, v = first[name], second[name]
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = v.sqrt().div_(math.sqrt(1 - b2 ** t)).add_(self.eps)
+                p.addcdiv_(m, denom, value=-cfg.learning_rate / (1 - b1 ** t))
+                continue
+            on = active.view(-1, *[1] * (p.dim() - 1))
+            if cfg.local_optimizer == "sgd":
+                params[name] = torch.where(on, p - cfg.learning_rate * g, p)
+                continue
+            first[name] = torch.where(on, b1 * first[name] + (1 - b1) * g, first[name])
+            second[name] = torch.where(on, b2 * second[name] + (1 - b2) * g * g, second[name])
+            t = steps.clamp_min(1).view_as(on.float())
+            denom = (second[name] / (1 - b2 ** t)).sqrt() + self.eps
+            params[name] = torch.where(on, p - cfg.learning_rate * (first[name] / (1 - b1 ** t)) / denom, p)
 
     def _batch(self, clients: list[ClientData], rows: list[np.ndarray | None], generators: list[torch.Generator],
                prototypes: torch.Tensor | None) -> tuple:
