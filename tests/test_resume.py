@@ -222,3 +222,35 @@ def test_rng_state_round_trips():
     ckpt.set_rng_state(json.loads(json.dumps(saved)))
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+def test_the_flower_server_writes_and_restores_the_same_resume_point(tmp_path):
+    from feddmmr.federation.server import ServerOptimizer
+    from feddmmr.flower.core import RunRecord
+    from feddmmr.models import UR4RecV2MoE
+
+    def model():
+        torch.manual_seed(0)
+        return UR4RecV2MoE(num_items=10, sasrec_hidden_dim=8, sasrec_num_blocks=1, sasrec_num_heads=2, max_seq_len=4,
+                           moe_num_heads=2, visual_dim=4, text_dim=4)
+
+    payload = {"train": tiny_config(1).to_dict(), "versions": {"flwr": "x"}}
+    record, trained, optimizer = RunRecord(tmp_path), model(), ServerOptimizer("fedavgm")
+    record.start(payload, None)
+    with torch.no_grad():
+        trained.sasrec.pos_emb.weight.add_(1.0)
+    optimizer.step(trained.state_dict(), {k: v + 1 for k, v in trained.state_dict().items()})
+    entry = {"round": 1, "clients": 2, "losses": {}, "gate": 0.0, "train_seconds": 0.0}
+    record.end_round(entry, 3, trained, torch.ones(2, 8), optimizer, 0.1)
+    with pytest.raises(FileExistsError):
+        RunRecord(tmp_path)
+    with pytest.raises(ResumeError, match="train.learning_rate"):
+        RunRecord(tmp_path, resume=True).start({**payload, "train": tiny_config(1, learning_rate=0.5).to_dict()}, None)
+    again, restored, restored_optimizer = RunRecord(tmp_path, resume=True), model(), ServerOptimizer("fedavgm")
+    again.start(payload, None)
+    start, prototypes = again.restore(restored, restored_optimizer)
+    assert start == 2 and torch.equal(prototypes, torch.ones(2, 8))
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), restored.state_dict().values()))
+    assert restored_optimizer.state.keys() == optimizer.state.keys()
+    assert all(torch.equal(optimizer.state[k], restored_optimizer.state[k]) for k in optimizer.state)
+    assert again.history["rounds"] == [entry]
