@@ -282,7 +282,7 @@ def run_one(name: str, seed: int, args: argparse.Namespace, data, data_info: dic
             else:
                 from feddmmr.runner import run_federated
 
-                resume = (directory / ckpt.RESUME_DIR / "state.json").exists()
+                resume = ckpt.resume_dir(directory) is not None
                 if resume:
                     saved = read_json(directory / ckpt.CONFIG_FILE) or {}
                     if differing(saved.get("train"), config.to_dict()):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .data.readers import LAYOUTS, DataError, TableColumns
+from .federation.server import TooFewClients
 from .models.moe import CheckpointError
 
 log = logging.getLogger("feddmmr")
@@ -185,7 +186,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, format_metrics
     from .features.extract import run_extract
     from .features.store import FeatureError, load_features
-    from .federation.checkpoint import HISTORY_FILE, RESUME_DIR
+    from .federation.checkpoint import HISTORY_FILE, resume_dir
     from .runner import run_federated
 
     out: Path = args.out
@@ -223,7 +224,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         if done:
             log.info("%s already finished in %s; skipping (delete the folder to retrain)", name, run_dir)
         else:
-            resume = (run_dir / RESUME_DIR / "state.json").exists()
+            resume = resume_dir(run_dir) is not None
             run_federated(config, data, run_dir, features if config.use_memory else None, previous,
                           resume=resume, progress=not args.no_progress, data_info=stats)
         history = json.loads(history_file.read_text())
@@ -290,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init", type=Path, default=None, help="run directory of the previous stage")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     tr.add_argument("--seed", type=int, default=None)
-    tr.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    tr.add_argument("--resume", action="store_true", help="continue an interrupted run in --out exactly where it stopped (same settings; "
+                    "only num_rounds and min_clients may change)")
     tr.add_argument("--no-progress", action="store_true")
     tr.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
@@ -334,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (DataError, CheckpointError, ConfigError, FileExistsError, ValueError) as exc:
+    except (DataError, CheckpointError, ConfigError, FileExistsError, ValueError, TooFewClients) as exc:
         if args.verbose:
             raise
         print(f"feddmmr: error: {exc}", file=sys.stderr)

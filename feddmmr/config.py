@@ -40,6 +40,9 @@ class TrainConfig:
     eval_protocol: str = "sampled"  # validation protocol used to pick the best round
     eval_negatives: int = 100  # negatives per user in the sampled protocol (1 + 100)
     seed: int = 0
+    # reliability
+    client_dropout: float = 0.0  # fault injection: this fraction of each round's sampled clients fails
+    min_clients: int = 1  # a round needs this many answers, else the run stops (resumable)
     # data
     top_users: int | None = 1000
     # model (seed names)
@@ -90,6 +93,14 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate(self, source: str = "config") -> "TrainConfig":
+        """Range checks, each error naming its key."""
+        if not 0.0 <= self.client_dropout < 1.0:
+            raise ConfigError(f"{source}: client_dropout must be in [0, 1), got {self.client_dropout!r}")
+        if self.min_clients < 1:
+            raise ConfigError(f"{source}: min_clients must be >= 1, got {self.min_clients!r}")
+        return self
+
 
 class ConfigError(ValueError):
     pass
@@ -126,7 +137,7 @@ def apply_overrides(config: TrainConfig, values: dict, source: str) -> TrainConf
         if key not in known:
             raise ConfigError(f"{source}: unknown config key {key!r}")
         setattr(config, key, _coerce(key, value, getattr(config, key)))
-    return config
+    return config.validate(source)
 
 
 def load_preset(name_or_path: str | Path) -> TrainConfig:

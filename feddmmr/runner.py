@@ -8,7 +8,6 @@ After the last round the best model is scored once on the test split, both proto
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -17,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data.dataset import SequenceDataset
 from .evaluation import PROTOCOLS, ScoreFn, evaluate, format_metrics
 from .federation import checkpoint as ckpt
-from .federation.client import ClientData, ItemContent, LocalTrainer, build_clients
+from .federation.client import (ClientData, ClientFailure, ClientUpdate, ItemContent, LocalTrainer, build_clients,
+                               pack_clients, unpack_clients)
 from .federation.memory import ItemSpace, MemoryConfig
-from .federation.server import Aggregator, ServerOptimizer, aggregate_prototypes, sample_clients
+from .federation.server import (Aggregator, ServerOptimizer, TooFewClients, aggregate_prototypes, dropped_clients,
+                                sample_clients)
 from .models import PARAM_GROUPS, CheckpointError, UR4RecV2MoE
 
 log = logging.getLogger(__name__)
@@ -126,43 +127,59 @@ def client_seed(seed: int, round_number: int, user: int) -> int:
 def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, features_dir: Path | None = None,
                   init_dir: Path | None = None, resume: bool = False, progress: bool = True,
                   data_info: dict | None = None) -> dict:
+    """Train ``config.num_rounds`` rounds, writing the run directory (see checkpoint.py).
+
+    With ``resume`` the run continues exactly from its resume point: a run killed after any
+    round ends as the uninterrupted one would. A round aggregates the clients that answered;
+    fewer than ``min_clients`` answers stop the run (TooFewClients) with the resume point saved.
+    """
+    config.validate()
     out_dir = Path(out_dir)
-    resume_state = out_dir / ckpt.RESUME_DIR / "state.json"
-    if resume_state.exists() and not resume:
+    if ckpt.resume_dir(out_dir) is not None and not resume:
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
     fed = setup(config, data, features_dir, init_dir)
     model = fed.model
-    memory_config = MemoryConfig.from_train_config(config) if config.use_memory else None
-    t0 = time.time()
-    clients = build_clients(data, config.max_seq_len, memory_config, fed.space, seed=config.seed, progress=progress)
-    memory_seconds = time.time() - t0
-    trainer = LocalTrainer(copy.deepcopy(model), config, fed.content, data.occurring_items())
-    global_state = model.group_state(config.transmitted_groups)
-    server_optimizer = make_server_optimizer(config)
-    val_memory = eval_memory(clients, "val", data.num_users, config.use_memory)
+    check_quorum(config, data.num_users)
     run_config = {
         "train": config.to_dict(), "model": config.model_kwargs(data.num_items, model.visual_dim, model.text_dim),
         "trained_groups": fed.trained_groups, "init": fed.init_dir, "features": fed.feature_meta,
-        "data": data_info or data.stats(), "select_metric": SELECT_METRIC,
+        "data": data_info or data.stats(), "data_fingerprint": data.fingerprint(), "select_metric": SELECT_METRIC,
         "versions": {"torch": torch.__version__},
     }
+    point = ckpt.load_resume_point(out_dir, run_config) if resume and ckpt.resume_dir(out_dir) else None
+    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(out_dir / ckpt.CONFIG_FILE, run_config)
+    memory_config = MemoryConfig.from_train_config(config) if config.use_memory else None
+    t0 = time.time()
+    if point is not None and point.clients:  # the saved memories, not a rebuild (checked by digest)
+        clients = unpack_clients(point.clients, data, config.max_seq_len, memory_config, fed.space)
+        packed, digest = point.clients, point.clients_digest
+    else:
+        clients = build_clients(data, config.max_seq_len, memory_config, fed.space, seed=config.seed,
+                                progress=progress)
+        packed = pack_clients(clients) or None
+        digest = ckpt.array_digest(packed) if packed else None
+    memory_seconds = time.time() - t0
+    trainer = LocalTrainer(copy.deepcopy(model), config, fed.content, data.occurring_items())
+    server_optimizer = make_server_optimizer(config)
+    val_memory = eval_memory(clients, "val", data.num_users, config.use_memory)
 
     history: dict = {"rounds": [], "val_metrics": [], "best_round": None, "best_val": None,
                      "memory_build_seconds": round(memory_seconds, 2)}
     start_round, best_value, prototypes = 1, -1.0, None
-    if resume and resume_state.exists():
-        state = json.loads(resume_state.read_text())
-        model.load_state_dict(ckpt.load_weights(out_dir / ckpt.RESUME_DIR / ckpt.MODEL_FILE))
-        global_state = model.group_state(config.transmitted_groups)
-        optimizer_file = out_dir / ckpt.RESUME_DIR / "server_optimizer.safetensors"
-        if optimizer_file.exists():
-            server_optimizer.load_state_dict(ckpt.load_weights(optimizer_file))
-        history = json.loads((out_dir / ckpt.HISTORY_FILE).read_text())
-        start_round, best_value = state["round"] + 1, state["best_value"]
-        prototypes = torch.tensor(state["prototypes"]) if state.get("prototypes") else None
-        log.info("resuming %s after round %d", out_dir, state["round"])
+    if point is not None:
+        model.load_state_dict(point.model)
+        server_optimizer.load_state_dict(point.server_optimizer)
+        history, start_round, best_value, prototypes = point.history, point.round + 1, point.best_value, point.prototypes
+        ckpt.set_rng_state(point.rng)
+        log.info("resuming %s after round %d", out_dir, point.round)
+    global_state = model.group_state(config.transmitted_groups)
+
+    def save_point(round_number: int, rng: dict) -> None:
+        """The resume point: everything needed to continue after ``round_number``."""
+        ckpt.write_resume_point(out_dir, ckpt.ResumePoint(
+            round_number, model.state_dict(), server_optimizer.state_dict(), prototypes, best_value, history,
+            run_config, rng, packed, digest))
 
     rounds = range(start_round, config.num_rounds + 1)
     bar = None
@@ -171,13 +188,22 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
 
         bar = tqdm(total=config.num_rounds, initial=start_round - 1, desc=f"stage {config.stage}", unit="round")
     for round_number in rounds:
+        rng = ckpt.rng_state()  # as the round starts: saved with the previous round if this one cannot count
         tick = time.time()
         selected = sample_clients(data.num_users, config.client_fraction, config.seed, round_number)
+        updates, dropped = local_updates(trainer, clients, selected, global_state, prototypes, config, round_number)
+        if dropped:
+            log.warning("round %d: %d of %d sampled clients dropped: %s", round_number, len(dropped), len(selected),
+                        "; ".join(f"user {u}: {why}" for u, why in dropped.items()))
+        if len(updates) < config.min_clients:
+            save_point(round_number - 1, rng)
+            raise TooFewClients(
+                f"round {round_number}: {len(updates)} of {len(selected)} sampled clients answered, fewer than "
+                f"min_clients={config.min_clients}; the run stopped with its state after round {round_number - 1} "
+                f"saved in {out_dir / ckpt.RESUME_DIR}: fix the cause (or lower min_clients) and resume")
         aggregator = Aggregator(global_state, config.item_embedding_aggregation)
         received, sums = [], {}
-        updates = trainer.train_many([clients[int(u)] for u in selected], global_state,
-                                     [client_seed(config.seed, round_number, int(u)) for u in selected], prototypes)
-        for update in updates:
+        for _, update in updates:
             aggregator.add(update.state, update.num_samples)
             if update.prototypes is not None:
                 received.append(update.prototypes)
@@ -193,10 +219,13 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
             centers = aggregate_prototypes(received, config.num_global_prototypes, config.seed + round_number)
             prototypes = torch.from_numpy(centers) if centers is not None else prototypes
         train_seconds = time.time() - tick
-        entry = {"round": round_number, "clients": int(len(selected)),
-                 "samples": int(sum(clients[int(u)].num_samples for u in selected)),
-                 "losses": {k: v / len(selected) for k, v in sums.items()},
-                 "gate": float(model.gating_weight.detach()), "train_seconds": round(train_seconds, 3)}
+        entry = {"round": round_number, "clients": len(updates),
+                 "samples": int(sum(clients[u].num_samples for u, _ in updates)),
+                 "losses": {k: v / len(updates) for k, v in sums.items()},
+                 "gate": float(model.gating_weight.detach()), "train_seconds": round(train_seconds, 3),
+                 "dropped": sorted(dropped)}
+        if dropped:
+            entry["drop_reasons"] = {str(u): why for u, why in sorted(dropped.items())}
         if round_number % config.eval_every == 0 or round_number == config.num_rounds:
             tick = time.time()
             model.eval()
@@ -211,12 +240,14 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
                 history["best_round"], history["best_val"] = round_number, result
                 ckpt.save_weights(out_dir / ckpt.MODEL_FILE, model.state_dict(), {"round": round_number})
                 if prototypes is not None:
-                    np.save(out_dir / "global_prototypes.npy", prototypes.numpy(), allow_pickle=False)
+                    ckpt.save_array(out_dir / ckpt.BEST_PROTOTYPES_FILE, prototypes.numpy())
         entry["seconds"] = round(train_seconds + entry.get("eval_seconds", 0.0), 3)
         history["rounds"].append(entry)
-        summary = (f"round {round_number}/{config.num_rounds}: {len(selected)} clients, "
+        summary = (f"round {round_number}/{config.num_rounds}: {len(updates)} clients, "
                    f"loss {entry['losses'].get('next_item', float('nan')):.4f}, gate {entry['gate']:.4f}, "
                    f"{train_seconds:.1f}s train")
+        if dropped:
+            summary += f", {len(dropped)} dropped"
         if "val_metrics" in entry:
             summary += " | val " + format_metrics(entry["val_metrics"])
         if bar is not None:
@@ -224,13 +255,8 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
             bar.write(summary)
         else:
             log.info(summary)
-        # the resume point: everything needed to continue after this round
-        ckpt.save_weights(out_dir / ckpt.RESUME_DIR / ckpt.MODEL_FILE, model.state_dict())
-        if server_optimizer.state:
-            ckpt.save_weights(out_dir / ckpt.RESUME_DIR / "server_optimizer.safetensors", server_optimizer.state_dict())
+        save_point(round_number, ckpt.rng_state())
         ckpt.write_json(out_dir / ckpt.HISTORY_FILE, history)
-        ckpt.write_json(resume_state, {"round": round_number, "best_value": best_value,
-                                       "prototypes": prototypes.tolist() if prototypes is not None else None})
     if bar is not None:
         bar.close()
 
@@ -238,8 +264,8 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
     model.load_state_dict(ckpt.load_weights(out_dir / ckpt.MODEL_FILE))
     model.eval()
     best_prototypes = None
-    if (out_dir / "global_prototypes.npy").exists():
-        best_prototypes = torch.from_numpy(np.load(out_dir / "global_prototypes.npy", allow_pickle=False))
+    if (out_dir / ckpt.BEST_PROTOTYPES_FILE).exists():
+        best_prototypes = torch.from_numpy(np.load(out_dir / ckpt.BEST_PROTOTYPES_FILE, allow_pickle=False))
     final = final_scores(model, fed.content, clients, data, config, best_prototypes, out_dir / "cache")
     history["final"] = final
     history["total_seconds"] = round(sum(r["seconds"] for r in history["rounds"]), 2)
@@ -249,6 +275,36 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
     for key in ("test_sampled", "test_full"):
         print(f"best round {history['best_round']} " + format_metrics(final[key]))
     return history
+
+
+def check_quorum(config: TrainConfig, num_users: int) -> None:
+    """``min_clients`` must be reachable: at most the number of clients sampled per round."""
+    sampled = len(sample_clients(num_users, config.client_fraction, config.seed, 1))
+    if config.min_clients > sampled:
+        raise ConfigError(f"min_clients={config.min_clients} exceeds the {sampled} clients sampled per round "
+                          f"(client_fraction={config.client_fraction} of {num_users} users)")
+
+
+def local_updates(trainer: LocalTrainer, clients: dict[int, ClientData], selected: np.ndarray,
+                  global_state: dict[str, torch.Tensor], prototypes: torch.Tensor | None, config: TrainConfig,
+                  round_number: int) -> tuple[list[tuple[int, ClientUpdate]], dict[int, str]]:
+    """The round's answers as (user, update), users ascending, and the dropped users with why.
+
+    Dropped: the ``client_dropout`` fault injection (those clients do not train) and every
+    client whose local training raised (see ``LocalTrainer.train_many``)."""
+    dropped = {int(u): "fault injection (client_dropout)"
+               for u in dropped_clients(selected, config.client_dropout, config.seed, round_number)}
+    users = [int(u) for u in selected if int(u) not in dropped]
+    results = trainer.train_many([clients[u] for u in users], global_state,
+                                 [client_seed(config.seed, round_number, u) for u in users], prototypes,
+                                 isolate_failures=True)
+    updates = []
+    for user, result in zip(users, results):
+        if isinstance(result, ClientFailure):
+            dropped[user] = result.reason
+        else:
+            updates.append((user, result))
+    return updates, dict(sorted(dropped.items()))
 
 
 def final_scores(model: UR4RecV2MoE, content: ItemContent, clients: dict[int, ClientData], data: SequenceDataset,
@@ -344,6 +400,6 @@ def restore(run_dir: Path, data: SequenceDataset, features_dir: Path | None = No
     memory_config = MemoryConfig.from_train_config(config) if config.use_memory else None
     clients = build_clients(data, config.max_seq_len, memory_config, space, seed=config.seed)
     prototypes = None
-    if (run_dir / "global_prototypes.npy").exists():
-        prototypes = torch.from_numpy(np.load(run_dir / "global_prototypes.npy", allow_pickle=False))
+    if (run_dir / ckpt.BEST_PROTOTYPES_FILE).exists():
+        prototypes = torch.from_numpy(np.load(run_dir / ckpt.BEST_PROTOTYPES_FILE, allow_pickle=False))
     return TrainedRun(model, config, content, clients, prototypes)

@@ -8,6 +8,7 @@ before the window starts, so nothing a window predicts is in the memory it reads
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,6 +82,68 @@ def build_clients(data: SequenceDataset, max_len: int, memory_config: MemoryConf
     return {int(u): build_client(data, int(u), max_len, memory_config, space, seed + int(u)) for u in iterator}
 
 
+# --------------------------------------------------------------------------- client memories as arrays
+
+_RAGGED = ("snapshots", "prototypes", "recent", "lt_items", "lt_freq", "lt_last")
+_SCALARS = ("step", "threshold", "writes")
+
+
+def pack_clients(clients: Mapping[int, ClientData]) -> dict[str, np.ndarray]:
+    """The memory side of ``clients`` (snapshots, evaluation memory, prototypes, LocalMemory state) as flat arrays."""
+    users = sorted(u for u, c in clients.items() if c.memory_state is not None)
+    if not users:
+        return {}
+    parts: dict[str, list[np.ndarray]] = {key: [] for key in _RAGGED}
+    scalars: dict[str, list] = {key: [] for key in _SCALARS}
+    for user in users:
+        client = clients[user]
+        state = client.memory_state.state_dict()
+        parts["snapshots"].append(client.memory)
+        parts["prototypes"].append(client.prototypes)
+        for key in ("recent", "lt_items", "lt_freq", "lt_last"):
+            parts[key].append(state[key])
+        for key in _SCALARS:
+            scalars[key].append(state[key][0])
+    arrays = {"users": np.asarray(users, dtype=np.int64),
+              "eval_val": np.stack([clients[u].eval_memory["val"] for u in users]),
+              "eval_test": np.stack([clients[u].eval_memory["test"] for u in users])}
+    for key, values in parts.items():
+        arrays[key] = np.concatenate(values)
+        arrays[key + "_offsets"] = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int64)
+    arrays.update({key: np.asarray(values) for key, values in scalars.items()})
+    return arrays
+
+
+def unpack_clients(arrays: Mapping[str, np.ndarray], data: SequenceDataset, max_len: int,
+                   memory_config: MemoryConfig, space: ItemSpace, users=None) -> dict[int, ClientData]:
+    """Rebuild ``ClientData`` from :func:`pack_clients` arrays: windows from the data, memory from the arrays."""
+    index = {int(u): i for i, u in enumerate(arrays["users"])}
+    wanted = sorted(index) if users is None else sorted(int(u) for u in users)
+    missing = [u for u in wanted if u not in index]
+    if missing:
+        raise KeyError(f"no saved memory for users {missing[:5]}")
+
+    def ragged(key: str, i: int) -> np.ndarray:
+        lo, hi = arrays[key + "_offsets"][i], arrays[key + "_offsets"][i + 1]
+        return np.array(arrays[key][lo:hi])
+
+    clients = {}
+    for user in wanted:
+        i = index[user]
+        inputs, targets, _ = training_windows(data.sequence(user)[:-2], max_len)
+        snapshots = ragged("snapshots", i)
+        if len(snapshots) != len(inputs):
+            raise ValueError(f"saved memory of user {user} has {len(snapshots)} windows, the data {len(inputs)}")
+        memory = LocalMemory(memory_config, space, float(arrays["threshold"][i]))
+        memory.load_state_dict({"recent": ragged("recent", i), "lt_items": ragged("lt_items", i),
+                                "lt_freq": ragged("lt_freq", i), "lt_last": ragged("lt_last", i),
+                                **{key: np.array(arrays[key][i:i + 1]) for key in _SCALARS}})
+        clients[user] = ClientData(user, inputs, targets, snapshots,
+                                   {"val": np.array(arrays["eval_val"][i]), "test": np.array(arrays["eval_test"][i])},
+                                   ragged("prototypes", i), memory)
+    return clients
+
+
 # --------------------------------------------------------------------------- the local update
 
 @dataclass
@@ -91,6 +154,14 @@ class ClientUpdate:
     num_samples: int
     prototypes: np.ndarray | None
     metrics: dict[str, float]
+
+
+@dataclass
+class ClientFailure:
+    """A client whose local update raised: it is dropped from the round, with the reason."""
+
+    user: int
+    reason: str
 
 
 class ItemContent:
@@ -185,16 +256,32 @@ class LocalTrainer:
         return self.train_many([client], global_state, [seed], global_prototypes)[0]
 
     def train_many(self, clients: list[ClientData], global_state: dict[str, torch.Tensor], seeds: list[int],
-                   global_prototypes: torch.Tensor | None = None) -> list[ClientUpdate]:
-        """Each client's local update from ``global_state``; results in the order given."""
+                   global_prototypes: torch.Tensor | None = None,
+                   isolate_failures: bool = False) -> list[ClientUpdate | ClientFailure]:
+        """Each client's local update from ``global_state``; results in the order given.
+
+        With ``isolate_failures`` an exception does not propagate: a vmapped group that raises
+        is retried one client at a time, so only the client(s) that raise alone become a
+        :class:`ClientFailure`; the others' updates come from their single runs (the same
+        algorithm, not bitwise the grouped numbers, since dropout masks are drawn per group).
+        """
         self.load_global(global_state)
         self.model.train()
         order = sorted(range(len(clients)), key=lambda i: (-len(clients[i].inputs), i))  # similar sizes batch well
-        results: list[ClientUpdate | None] = [None] * len(clients)
+        results: list[ClientUpdate | ClientFailure | None] = [None] * len(clients)
         for lo in range(0, len(order), self.client_batch):
             group = order[lo:lo + self.client_batch]
-            for index, update in zip(group, self._train_group([clients[i] for i in group],
-                                                              [seeds[i] for i in group], global_prototypes)):
+            try:
+                updates = self._train_group([clients[i] for i in group], [seeds[i] for i in group], global_prototypes)
+            except Exception as exc:
+                if not isolate_failures:
+                    raise
+                if len(group) == 1:
+                    updates = [ClientFailure(clients[group[0]].user, f"{type(exc).__name__}: {exc}")]
+                else:
+                    updates = [self.train_many([clients[i]], global_state, [seeds[i]], global_prototypes, True)[0]
+                               for i in group]
+            for index, update in zip(group, updates):
                 results[index] = update
         return results
 

@@ -19,6 +19,19 @@ def sample_clients(num_clients: int, fraction: float, seed: int, round_number: i
     return np.sort(rng.choice(num_clients, size=count, replace=False))
 
 
+def dropped_clients(selected: np.ndarray, fraction: float, seed: int, round_number: int) -> np.ndarray:
+    """Fault injection: ``round(fraction * len(selected))`` of a round's clients fail, a seeded draw from (seed, round)."""
+    count = int(round(fraction * len(selected)))
+    if count <= 0:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng([seed, round_number, 1])  # a stream of its own: sampling stays unchanged
+    return np.sort(rng.choice(np.asarray(selected, dtype=np.int64), size=count, replace=False))
+
+
+class TooFewClients(RuntimeError):
+    """Fewer clients answered a round than ``min_clients``: the round does not count."""
+
+
 class Aggregator:
     """FedAvg weighted by sample count, accumulated one update at a time (no stacking).
 
@@ -137,7 +150,8 @@ class ServerOptimizer:
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.float() if self.kind == "fedadam" else v for k, v in self.state.items()}
+        """The exact (float64) moments: a resumed run must step exactly as the uninterrupted one."""
+        return dict(self.state)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.state = {k: v.double() for k, v in state.items()}

@@ -32,8 +32,8 @@ from ..config import ConfigError, TrainConfig, apply_overrides, load_preset
 from ..data.dataset import SequenceDataset, load_dataset
 from ..evaluation import METRIC_NAMES, PROTOCOLS, evaluate, format_metrics
 from ..federation import checkpoint as ckpt
-from ..federation.client import ClientData, LocalTrainer, build_clients, training_windows
-from ..federation.memory import ItemSpace, LocalMemory, MemoryConfig
+from ..federation.client import ClientData, LocalTrainer, build_clients, pack_clients, unpack_clients
+from ..federation.memory import MemoryConfig
 from ..federation.server import Aggregator, ServerOptimizer, aggregate_prototypes
 from ..models import UR4RecV2MoE
 from ..runner import SELECT_METRIC, client_seed, memory_scorer, plot_history, setup
@@ -116,68 +116,6 @@ def group_by_partition(users, num_partitions: int) -> dict[int, list[int]]:
     for user in sorted(int(u) for u in users):
         groups.setdefault(user % num_partitions, []).append(user)
     return dict(sorted(groups.items()))
-
-
-# --------------------------------------------------------------------------- client memories as arrays
-
-_RAGGED = ("snapshots", "prototypes", "recent", "lt_items", "lt_freq", "lt_last")
-_SCALARS = ("step", "threshold", "writes")
-
-
-def pack_clients(clients: Mapping[int, ClientData]) -> dict[str, np.ndarray]:
-    """The memory side of ``clients`` (snapshots, evaluation memory, prototypes, LocalMemory state) as flat arrays."""
-    users = sorted(u for u, c in clients.items() if c.memory_state is not None)
-    if not users:
-        return {}
-    parts: dict[str, list[np.ndarray]] = {key: [] for key in _RAGGED}
-    scalars: dict[str, list] = {key: [] for key in _SCALARS}
-    for user in users:
-        client = clients[user]
-        state = client.memory_state.state_dict()
-        parts["snapshots"].append(client.memory)
-        parts["prototypes"].append(client.prototypes)
-        for key in ("recent", "lt_items", "lt_freq", "lt_last"):
-            parts[key].append(state[key])
-        for key in _SCALARS:
-            scalars[key].append(state[key][0])
-    arrays = {"users": np.asarray(users, dtype=np.int64),
-              "eval_val": np.stack([clients[u].eval_memory["val"] for u in users]),
-              "eval_test": np.stack([clients[u].eval_memory["test"] for u in users])}
-    for key, values in parts.items():
-        arrays[key] = np.concatenate(values)
-        arrays[key + "_offsets"] = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int64)
-    arrays.update({key: np.asarray(values) for key, values in scalars.items()})
-    return arrays
-
-
-def unpack_clients(arrays: Mapping[str, np.ndarray], data: SequenceDataset, max_len: int,
-                   memory_config: MemoryConfig, space: ItemSpace, users=None) -> dict[int, ClientData]:
-    """Rebuild ``ClientData`` from :func:`pack_clients` arrays: windows from the data, memory from the arrays."""
-    index = {int(u): i for i, u in enumerate(arrays["users"])}
-    wanted = sorted(index) if users is None else sorted(int(u) for u in users)
-    missing = [u for u in wanted if u not in index]
-    if missing:
-        raise KeyError(f"no saved memory for users {missing[:5]}")
-
-    def ragged(key: str, i: int) -> np.ndarray:
-        lo, hi = arrays[key + "_offsets"][i], arrays[key + "_offsets"][i + 1]
-        return np.array(arrays[key][lo:hi])
-
-    clients = {}
-    for user in wanted:
-        i = index[user]
-        inputs, targets, _ = training_windows(data.sequence(user)[:-2], max_len)
-        snapshots = ragged("snapshots", i)
-        if len(snapshots) != len(inputs):
-            raise ValueError(f"saved memory of user {user} has {len(snapshots)} windows, the data {len(inputs)}")
-        memory = LocalMemory(memory_config, space, float(arrays["threshold"][i]))
-        memory.load_state_dict({"recent": ragged("recent", i), "lt_items": ragged("lt_items", i),
-                                "lt_freq": ragged("lt_freq", i), "lt_last": ragged("lt_last", i),
-                                **{key: np.array(arrays[key][i:i + 1]) for key in _SCALARS}})
-        clients[user] = ClientData(user, inputs, targets, snapshots,
-                                   {"val": np.array(arrays["eval_val"][i]), "test": np.array(arrays["eval_test"][i])},
-                                   ragged("prototypes", i), memory)
-    return clients
 
 
 # --------------------------------------------------------------------------- the node
@@ -293,7 +231,6 @@ class NodeRuntime:
 # --------------------------------------------------------------------------- the server
 
 VALIDATION_BATCH = 512  # evaluate()'s default, as the in-process validation uses it
-OPTIMIZER_FILE = "server_optimizer.safetensors"  # in resume/, as run_federated names it
 
 
 def final_requests() -> list[tuple[str, str, int]]:
@@ -362,33 +299,37 @@ class RunRecord:
 
     def __init__(self, out_dir: Path, resume: bool = False):
         self.out_dir = Path(out_dir)
-        self.resume_state = self.out_dir / ckpt.RESUME_DIR / "state.json"
-        if self.resume_state.exists() and not resume:
+        held = ckpt.resume_dir(self.out_dir) is not None
+        if held and not resume:
             raise FileExistsError(f"{self.out_dir} already holds a run; pass resume=true to continue it, "
                                   "or choose another out")
-        self.resuming = resume and self.resume_state.exists()
+        self.resuming = resume and held
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.history: dict = {}
         self.best_value = -1.0
+        self.payload: dict = {}
+        self.point: ckpt.ResumePoint | None = None
 
     def start(self, payload: dict, memory_seconds: float | None) -> None:
+        """Write config.json (after refusing to resume a run started with another config)."""
+        self.payload = payload
+        if self.resuming:
+            self.point = ckpt.load_resume_point(self.out_dir, payload)
         ckpt.write_json(self.out_dir / ckpt.CONFIG_FILE, payload)
         self.history = {"rounds": [], "val_metrics": [], "best_round": None, "best_val": None,
                         "memory_build_seconds": None if memory_seconds is None else round(memory_seconds, 2)}
 
     def restore(self, model: UR4RecV2MoE, server_optimizer: ServerOptimizer) -> tuple[int, torch.Tensor | None]:
         """(first round to run, global prototypes) — after loading the last round when resuming."""
-        if not self.resuming:
+        point = self.point
+        if point is None:
             return 1, None
-        state = json.loads(self.resume_state.read_text())
-        model.load_state_dict(ckpt.load_weights(self.out_dir / ckpt.RESUME_DIR / ckpt.MODEL_FILE))
-        optimizer_file = self.out_dir / ckpt.RESUME_DIR / OPTIMIZER_FILE
-        if optimizer_file.exists():
-            server_optimizer.load_state_dict(ckpt.load_weights(optimizer_file))
-        self.history = json.loads((self.out_dir / ckpt.HISTORY_FILE).read_text())
-        self.best_value = state["best_value"]
-        log.info("resuming %s after round %d", self.out_dir, state["round"])
-        return state["round"] + 1, torch.tensor(state["prototypes"]) if state.get("prototypes") else None
+        model.load_state_dict(point.model)
+        server_optimizer.load_state_dict(point.server_optimizer)
+        self.history, self.best_value = point.history, point.best_value
+        ckpt.set_rng_state(point.rng)
+        log.info("resuming %s after round %d", self.out_dir, point.round)
+        return point.round + 1, point.prototypes
 
     def validated(self, entry: dict, result: dict, seconds: float, model: UR4RecV2MoE,
                   prototypes: torch.Tensor | None) -> None:
@@ -400,7 +341,7 @@ class RunRecord:
             self.history["best_round"], self.history["best_val"] = entry["round"], result
             ckpt.save_weights(self.out_dir / ckpt.MODEL_FILE, model.state_dict(), {"round": entry["round"]})
             if prototypes is not None:
-                np.save(self.out_dir / "global_prototypes.npy", prototypes.numpy(), allow_pickle=False)
+                ckpt.save_array(self.out_dir / ckpt.BEST_PROTOTYPES_FILE, prototypes.numpy())
 
     def end_round(self, entry: dict, num_rounds: int, model: UR4RecV2MoE, prototypes: torch.Tensor | None,
                   server_optimizer: ServerOptimizer, seconds: float) -> str:
@@ -411,18 +352,16 @@ class RunRecord:
                    f"{entry['train_seconds']:.1f}s train")
         if "val_metrics" in entry:
             summary += " | val " + format_metrics(entry["val_metrics"])
-        ckpt.save_weights(self.out_dir / ckpt.RESUME_DIR / ckpt.MODEL_FILE, model.state_dict())
-        if server_optimizer.state:
-            ckpt.save_weights(self.out_dir / ckpt.RESUME_DIR / OPTIMIZER_FILE, server_optimizer.state_dict())
+        ckpt.write_resume_point(self.out_dir, ckpt.ResumePoint(
+            entry["round"], model.state_dict(), server_optimizer.state_dict(), prototypes, self.best_value,
+            self.history, self.payload, ckpt.rng_state()))
         ckpt.write_json(self.out_dir / ckpt.HISTORY_FILE, self.history)
-        ckpt.write_json(self.resume_state, {"round": entry["round"], "best_value": self.best_value,
-                                            "prototypes": prototypes.tolist() if prototypes is not None else None})
         return summary
 
     def load_best(self, model: UR4RecV2MoE) -> torch.Tensor | None:
         model.load_state_dict(ckpt.load_weights(self.out_dir / ckpt.MODEL_FILE))
         model.eval()
-        path = self.out_dir / "global_prototypes.npy"
+        path = self.out_dir / ckpt.BEST_PROTOTYPES_FILE
         return torch.from_numpy(np.load(path, allow_pickle=False)) if path.exists() else None
 
     def finish(self, final: dict, title: str, extra: dict | None = None) -> dict:
@@ -436,8 +375,9 @@ class RunRecord:
 
 
 def round_entry(round_number: int, clients: int, samples: int, losses: dict[str, float], model: UR4RecV2MoE,
-                train_seconds: float) -> dict:
+                train_seconds: float, dropped: list[int] | tuple = ()) -> dict:
     """A round of train_history.json (the in-process runner's keys)."""
     return {"round": round_number, "clients": int(clients), "samples": int(samples),
             "losses": {k: v / clients for k, v in losses.items()},
-            "gate": float(model.gating_weight.detach()), "train_seconds": round(train_seconds, 3)}
+            "gate": float(model.gating_weight.detach()), "train_seconds": round(train_seconds, 3),
+            "dropped": sorted(int(u) for u in dropped)}
