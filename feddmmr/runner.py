@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, apply_overrides
 from .data.dataset import SequenceDataset
 from .evaluation import PROTOCOLS, ScoreFn, evaluate, format_metrics
 from .federation import checkpoint as ckpt
@@ -332,7 +332,7 @@ def restore(run_dir: Path, data: SequenceDataset, features_dir: Path | None = No
     """Load a run directory's best model and rebuild the clients' memories from ``data``."""
     run_dir = Path(run_dir)
     model, saved = ckpt.load_model(run_dir)
-    config = TrainConfig(**saved["train"])
+    config = apply_overrides(TrainConfig(), saved["train"], str(run_dir / ckpt.CONFIG_FILE))
     if saved["model"]["num_items"] != data.num_items:
         raise CheckpointError(f"{run_dir}: the model has {saved['model']['num_items']} item indices, the data "
                               f"{data.num_items}; pass the dataset (and --top-users) the run was trained on")

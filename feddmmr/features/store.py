@@ -112,10 +112,11 @@ def validate(table: FeatureTable, path: Path | str) -> None:
         raise bad(f"meta['coverage'] = {meta['coverage']} but the mask has {int(mask.sum())} items")
     if bool(mask[0]):
         raise bad("row 0 is the padding item and must have mask False")
+    if not torch.isfinite(features).all():
+        row = int((~torch.isfinite(features)).any(1).nonzero()[0])
+        raise bad(f"features contain NaN or infinite values (first in row {row})")
     if (features[~mask] != 0).any():
         raise bad("rows with mask False must be zero")
-    if not torch.isfinite(features).all():
-        raise bad("features contain NaN or infinite values")
     norms = features[mask].norm(dim=1)
     if norms.numel() and ((norms - 1).abs() > 1e-3).any():
         raise bad("rows with mask True must be L2-normalised")
