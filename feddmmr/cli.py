@@ -176,7 +176,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     unused = np.ones(data.num_items, dtype=bool)
     unused[data.occurring_items()] = False
     scores[torch.from_numpy(unused)] = float("-inf")
-    top = torch.topk(scores, min(args.k, int(torch.isfinite(scores).sum())))  # never an unseen-item shortfall
+    top = torch.topk(scores, min(args.k, int(torch.isfinite(scores).sum())))  # k beyond the unseen items: all of them
     items = []
     for rank, (index, value) in enumerate(zip(top.indices.tolist(), top.values.tolist()), start=1):
         raw = data.item_raw_ids[index] if data.item_raw_ids is not None else index
@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, ConfigError, OSError, ValueError) as exc:  # OSError: unreadable paths
         if args.verbose:
             raise
-        print(f"feddmmr: error: {exc}", file=sys.stderr)
+        message = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else exc
+        print(f"feddmmr: error: {message}", file=sys.stderr)
         return 2
 
 

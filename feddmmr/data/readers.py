@@ -428,6 +428,9 @@ def read_interactions(path: Path | str, layout: str | None = None,
     if layout not in LAYOUTS:
         raise DataError(path, f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     if layout == "ml1m":
+        if path.is_file() and path.name.lower() not in ("ratings.dat", "ratings.dat.gz"):  # never read a sibling
+            raise DataError(path, "the 'ml1m' layout reads ratings.dat (with movies.dat and users.dat beside it); "
+                                  "pass their folder or the ratings.dat file itself")
         return read_ml1m(path if path.is_dir() else path.parent)
     if layout == "ml1m-ordered":
         return read_ml1m_ordered(path)
