@@ -4,9 +4,10 @@ Every reader returns an :class:`Interactions` table in file order plus a key tha
 user's interactions in time. Every problem is raised as :class:`DataError` naming the file,
 the line and what is wrong: nothing is silently skipped.
 
-Two deliberate leniencies, both loud: exact duplicate lines (every field equal, typically a file
-concatenated twice) are dropped with a warning naming the file, the count and the first repeated
-line, because they carry no information yet would double-count an interaction; and catalogue files
+Two deliberate leniencies, both loud: exact duplicate lines (every field the reader uses equal,
+typically a file concatenated twice) are dropped with a warning naming the file, the count and the
+first repeated line, because they carry no information yet would double-count an interaction (the
+same item at another time is a real re-consumption and stays); and catalogue files
 (movies.dat, users.dat) are read as UTF-8 when the whole file is valid UTF-8, else as ISO-8859-1
 (the encoding of the real ML-1M), so a re-encoded copy keeps its accented titles.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -79,7 +81,7 @@ def _read_raw(path: Path) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise DataError(path, f"corrupt gzip data ({exc})") from None
     return raw
 
@@ -101,6 +103,7 @@ def _open_text_lines(path: Path, encoding: str | tuple[str, ...]) -> Iterator[tu
         raw = raw[3:]
     if not isinstance(encoding, str):
         encoding = next((e for e in encoding[:-1] if _decodes(raw, e)), encoding[-1])
+    empty = True
     for number, line in enumerate(raw.split(b"\n"), start=1):
         try:
             text = line.decode(encoding)
@@ -109,7 +112,10 @@ def _open_text_lines(path: Path, encoding: str | tuple[str, ...]) -> Iterator[tu
                                   f"is not valid {encoding}", number) from None
         text = text.rstrip("\r")
         if text.strip():
+            empty = False
             yield number, text
+    if empty:  # only (Unicode) whitespace, e.g. a lone \x1c
+        raise DataError(path, "file is empty")
 
 
 def _decodes(raw: bytes, encoding: str) -> bool:
@@ -220,7 +226,7 @@ def _data_line(path: Path, row: int, header: bool) -> int | None:
 
 
 def drop_duplicate_rows(path: Path, columns: list[np.ndarray], header: bool) -> np.ndarray | None:
-    """Indices of the rows to keep when some rows repeat an earlier one exactly, else None.
+    """Indices of the rows to keep when some rows repeat an earlier one in every column, else None.
 
     Exact duplicates carry no information but would count an interaction twice, so they are
     dropped with a warning naming the first repeated line (documented in the module docstring).
@@ -451,5 +457,5 @@ def read_json_gz(path: Path) -> dict:
         return json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise DataError(path, "file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(path, f"not a valid JSON file ({exc})") from None
