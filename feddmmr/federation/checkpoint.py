@@ -71,17 +71,20 @@ def read_run_config(run_dir: Path) -> dict:
         payload = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
-    missing = [k for k in ("train", "model") if not isinstance(payload, dict) or not isinstance(payload.get(k), dict)]
-    if missing:
-        raise CheckpointError(f"{path}: not a feddmmr run config (no {' or '.join(repr(k) for k in missing)} "
-                              "section); is it from another tool?")
+    _require_section(path, payload, "train")
     return payload
+
+
+def _require_section(path: Path, payload, name: str) -> None:
+    if not isinstance(payload, dict) or not isinstance(payload.get(name), dict):
+        raise CheckpointError(f"{path}: not a feddmmr run config (no {name!r} section); is it from another tool?")
 
 
 def load_model(run_dir: Path) -> tuple[UR4RecV2MoE, dict]:
     """Rebuild a run's model from its config and weights (for evaluate / recommend)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
+    _require_section(run_dir / CONFIG_FILE, config, "model")
     try:
         model = UR4RecV2MoE(**config["model"])
     except (TypeError, ValueError) as exc:
