@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="popularity", choices=["popularity"], help="without --checkpoint")
     ev.add_argument("--protocol", choices=["full", "sampled", "both"], default="both")
     ev.add_argument("--split", choices=["val", "test"], default="test")
-    ev.add_argument("--seed", type=_int_at_least(0), default=None, help="seed of the sampled candidates (default: the run's, or 0)")
+    ev.add_argument("--seed", type=_int_at_least(0), default=None,
+                    help="seed of the sampled candidates (default: the run's, or 0)")
     ev.add_argument("--cache-dir", type=Path, default=None, help="cache sampled candidates here")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
