@@ -42,6 +42,19 @@ def _top_users(value: str) -> int | str:
     return number
 
 
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (a clear usage error otherwise)."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value!r}")
+        return number
+    return parse
+
+
 def load_from_args(args: argparse.Namespace):
     from .data.dataset import load_dataset
 
@@ -164,7 +177,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     unused = np.ones(data.num_items, dtype=bool)
     unused[data.occurring_items()] = False
     scores[torch.from_numpy(unused)] = float("-inf")
-    top = torch.topk(scores, args.k)
+    top = torch.topk(scores, min(args.k, int(torch.isfinite(scores).sum())))  # k beyond the unseen items: all of them
     items = []
     for rank, (index, value) in enumerate(zip(top.indices.tolist(), top.values.tolist()), start=1):
         raw = data.item_raw_ids[index] if data.item_raw_ids is not None else index
@@ -277,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", default="popularity", choices=["popularity"], help="without --checkpoint")
     ev.add_argument("--protocol", choices=["full", "sampled", "both"], default="both")
     ev.add_argument("--split", choices=["val", "test"], default="test")
-    ev.add_argument("--seed", type=int, default=None, help="seed of the sampled candidates (default: the run's, or 0)")
+    ev.add_argument("--seed", type=_int_at_least(0), default=None,
+                    help="seed of the sampled candidates (default: the run's, or 0)")
     ev.add_argument("--cache-dir", type=Path, default=None, help="cache sampled candidates here")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
@@ -290,11 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", type=Path, default=None, help="a TOML preset (default: the stage's)")
     tr.add_argument("--init", type=Path, default=None, help="run directory of the previous stage")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    tr.add_argument("--seed", type=int, default=None)
+    tr.add_argument("--seed", type=_int_at_least(0), default=None)
     tr.add_argument("--resume", action="store_true", help="continue an interrupted run in --out exactly where it stopped (same settings; "
                     "only num_rounds and min_clients may change)")
     tr.add_argument("--no-progress", action="store_true")
-    tr.add_argument("--threads", type=int, default=None,
+    tr.add_argument("--threads", type=_int_at_least(1), default=None,
                     help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
     tr.set_defaults(func=cmd_train)
 
@@ -303,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--checkpoint", type=Path, required=True)
     rec.add_argument("--features", type=Path, default=None)
     rec.add_argument("--user", required=True, help="raw user id")
-    rec.add_argument("--k", type=int, default=10)
+    rec.add_argument("--k", type=_int_at_least(1), default=10)
     rec.add_argument("--json", action="store_true")
     rec.set_defaults(func=cmd_recommend)
 
@@ -314,9 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--stage1-config", default=None, help=f"preset or TOML (default {PIPELINE_STAGES[0][1]})")
     pipe.add_argument("--stage3-config", default=None, help=f"preset or TOML (default {PIPELINE_STAGES[1][1]})")
     pipe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for both stages")
-    pipe.add_argument("--seed", type=int, default=0)
+    pipe.add_argument("--seed", type=_int_at_least(0), default=0)
     pipe.add_argument("--no-progress", action="store_true")
-    pipe.add_argument("--threads", type=int, default=None,
+    pipe.add_argument("--threads", type=_int_at_least(1), default=None,
                       help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
     pipe.set_defaults(func=cmd_pipeline)
 
@@ -336,10 +350,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (DataError, CheckpointError, ConfigError, FileExistsError, ValueError, TooFewClients) as exc:
+    except (DataError, CheckpointError, ConfigError, OSError, ValueError, TooFewClients) as exc:  # OSError: paths
         if args.verbose:
             raise
-        print(f"feddmmr: error: {exc}", file=sys.stderr)
+        message = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename else exc
+        print(f"feddmmr: error: {message}", file=sys.stderr)
         return 2
 
 

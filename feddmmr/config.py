@@ -93,51 +93,145 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def validate(self, source: str = "config") -> "TrainConfig":
-        """Range checks, each error naming its key."""
-        if not 0.0 <= self.client_dropout < 1.0:
-            raise ConfigError(f"{source}: client_dropout must be in [0, 1), got {self.client_dropout!r}")
-        if self.min_clients < 1:
-            raise ConfigError(f"{source}: min_clients must be >= 1, got {self.min_clients!r}")
-        return self
-
 
 class ConfigError(ValueError):
     pass
 
 
-def _coerce(name: str, value, current):
+@dataclass(frozen=True)
+class Range:
+    """An interval of allowed values; ``open_low``/``open_high`` exclude the bound."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if value != value or value in (float("inf"), float("-inf")):
+            return False
+        low_ok = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        return low_ok and high_ok
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.open_low else '>='} {self.low}" if self.low is not None else "any finite number"
+        if self.low is None:
+            return f"{'<' if self.open_high else '<='} {self.high}"
+        return f"{'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
+
+
+POSITIVE = Range(1)  # counts and sizes: at least 1
+FRACTION = Range(0, 1)
+NON_NEGATIVE = Range(0)
+STRICTLY_POSITIVE = Range(0, open_low=True)
+
+# Every numeric key's allowed values (a test checks none is missing). New keys: add a line here.
+RANGES: dict[str, Range] = {
+    "stage": Range(1, 3), "num_rounds": POSITIVE, "client_fraction": Range(0, 1, open_low=True),
+    "local_epochs": POSITIVE, "learning_rate": STRICTLY_POSITIVE, "batch_size": POSITIVE,
+    "num_negatives": POSITIVE, "weight_decay": NON_NEGATIVE, "fedprox_mu": NON_NEGATIVE,
+    "server_learning_rate": STRICTLY_POSITIVE, "server_momentum": Range(0, 1, open_high=True),
+    "eval_every": POSITIVE, "eval_negatives": POSITIVE, "seed": Range(0, 2**32 - 1), "top_users": POSITIVE,
+    "sasrec_hidden_dim": POSITIVE, "sasrec_num_blocks": POSITIVE, "sasrec_num_heads": POSITIVE,
+    "max_seq_len": POSITIVE, "moe_num_heads": POSITIVE, "dropout": Range(0, 1, open_high=True),
+    "gating_init": NON_NEGATIVE, "contrastive_lambda": NON_NEGATIVE, "load_balance_lambda": NON_NEGATIVE,
+    "contrastive_temperature": STRICTLY_POSITIVE, "memory_top_k": POSITIVE, "st_window": POSITIVE,
+    "lt_capacity": POSITIVE, "novelty_threshold": Range(None, 1), "novelty_quantile": FRACTION,
+    "duplicate_threshold": Range(-1, 1), "recency_half_life": STRICTLY_POSITIVE, "recency_weight": FRACTION,
+    "st_fraction": FRACTION, "num_prototypes": POSITIVE, "num_global_prototypes": POSITIVE,
+    "client_dropout": Range(0, 1, open_high=True), "min_clients": POSITIVE,
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "local_optimizer": ("adam", "sgd"),
+    "item_embedding_aggregation": ("updated_rows", "fedavg"),
+    "server_optimizer": ("fedavg", "fedavgm", "fedadam"),
+    "eval_protocol": ("sampled", "full"),
+}
+
+
+def _kind(name: str) -> str:
+    return str({f.name: f.type for f in dataclasses.fields(TrainConfig)}[name])
+
+
+def _coerce(name: str, value, source: str):
     """Turn a TOML or ``--set`` value into the field's type, with a clear error."""
-    kind = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
+    kind = _kind(name)
     try:
-        if isinstance(value, str) and "list" in str(kind):
+        if isinstance(value, str) and "list" in kind:
             return [v for v in value.replace(" ", "").split(",") if v]
         if isinstance(value, str):
-            if "bool" in str(kind):
+            if "bool" in kind:
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError(value)
                 return value.lower() in ("true", "1")
-            if "None" in str(kind) and value.lower() in ("none", "all", ""):
+            if "None" in kind and value.lower() in ("none", "all", ""):
                 return None
-            if "int" in str(kind) and "float" not in str(kind):
+            if "int" in kind and "float" not in kind:
                 return int(value)
-            if "float" in str(kind):
+            if "float" in kind:
                 return float(value)
             return value
-        if "float" in str(kind) and isinstance(value, int) and not isinstance(value, bool):
+        if "float" in kind and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         return value
     except ValueError:
-        raise ConfigError(f"config key {name!r}: cannot read {value!r} as {kind}") from None
+        raise ConfigError(f"{source}: config key {name!r}: cannot read {value!r} as {kind}") from None
+
+
+def _type_ok(value, kind: str) -> bool:
+    """Does ``value`` have the declared field type (``kind`` as written in the dataclass)?"""
+    if value is None:
+        return "None" in kind
+    if isinstance(value, bool):
+        return kind.startswith("bool")
+    if isinstance(value, int):
+        return "int" in kind or "float" in kind
+    if isinstance(value, float):
+        return "float" in kind
+    if isinstance(value, str):
+        return kind.startswith("str")
+    if isinstance(value, list):
+        return "list" in kind and all(isinstance(v, str) for v in value)
+    return False
+
+
+def validate_config(config: TrainConfig, source: str = "config") -> TrainConfig:
+    """Check every key's type, range or choice and the cross-key constraints; one clear ConfigError.
+
+    The one place for config validation: a new key gets its range in RANGES or its choices in CHOICES.
+    """
+    from .models.moe import PARAM_GROUPS
+
+    for spec in dataclasses.fields(TrainConfig):
+        name, value, kind = spec.name, getattr(config, spec.name), str(spec.type)
+        if not _type_ok(value, kind):
+            raise ConfigError(f"{source}: config key {name!r} = {value!r} has type {type(value).__name__}, "
+                              f"expected {kind}")
+        if name in RANGES and value is not None and value not in RANGES[name]:
+            raise ConfigError(f"{source}: config key {name!r} = {value!r} is out of range; allowed: {RANGES[name]}")
+        if name in CHOICES and value not in CHOICES[name]:
+            raise ConfigError(f"{source}: config key {name!r} = {value!r} is not one of {CHOICES[name]}")
+    unknown = [g for g in config.trainable_groups if g not in PARAM_GROUPS]
+    if unknown or not config.trainable_groups:
+        raise ConfigError(f"{source}: config key 'trainable_groups' = {config.trainable_groups!r}: expected a "
+                          f"non-empty list of parameter groups from {PARAM_GROUPS}")
+    for heads in ("sasrec_num_heads", "moe_num_heads"):
+        if config.sasrec_hidden_dim % getattr(config, heads):
+            raise ConfigError(f"{source}: config key 'sasrec_hidden_dim' = {config.sasrec_hidden_dim} is not "
+                              f"divisible by {heads} = {getattr(config, heads)}")
+    return config
 
 
 def apply_overrides(config: TrainConfig, values: dict, source: str) -> TrainConfig:
+    """Set ``values`` on ``config`` (coerced to each key's type), then validate the whole config."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown config key {key!r}")
-        setattr(config, key, _coerce(key, value, getattr(config, key)))
-    return config.validate(source)
+        setattr(config, key, _coerce(key, value, source))
+    return validate_config(config, source)
 
 
 def load_preset(name_or_path: str | Path) -> TrainConfig:

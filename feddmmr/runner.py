@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, apply_overrides, validate_config
 from .data.dataset import SequenceDataset
 from .evaluation import PROTOCOLS, ScoreFn, evaluate, format_metrics
 from .federation import checkpoint as ckpt
@@ -133,7 +133,7 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
     round ends as the uninterrupted one would. A round aggregates the clients that answered;
     fewer than ``min_clients`` answers stop the run (TooFewClients) with the resume point saved.
     """
-    config.validate()
+    validate_config(config)
     out_dir = Path(out_dir)
     if ckpt.resume_dir(out_dir) is not None and not resume:
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
@@ -388,7 +388,7 @@ def restore(run_dir: Path, data: SequenceDataset, features_dir: Path | None = No
     """Load a run directory's best model and rebuild the clients' memories from ``data``."""
     run_dir = Path(run_dir)
     model, saved = ckpt.load_model(run_dir)
-    config = TrainConfig(**saved["train"])
+    config = apply_overrides(TrainConfig(), saved["train"], str(run_dir / ckpt.CONFIG_FILE))
     if saved["model"]["num_items"] != data.num_items:
         raise CheckpointError(f"{run_dir}: the model has {saved['model']['num_items']} item indices, the data "
                               f"{data.num_items}; pass the dataset (and --top-users) the run was trained on")

@@ -164,7 +164,7 @@ def build_sequences(table: Interactions, top_n: int | None = None,
                                           f"{users[bad]}, item {items[bad]})")
         item_index = items.astype(np.int64)
         item_raw_ids = None
-        catalogue_max = int(table.known_items.max()) if table.known_items is not None else 0
+        catalogue_max = int(table.known_items.max()) if table.known_items is not None and len(table.known_items) else 0
         num_items = max(int(items.max()), catalogue_max) + 1
         titles = dict(table.titles)
 

@@ -3,17 +3,31 @@
 Every reader returns an :class:`Interactions` table in file order plus a key that orders each
 user's interactions in time. Every problem is raised as :class:`DataError` naming the file,
 the line and what is wrong: nothing is silently skipped.
+
+Two deliberate leniencies, both loud: exact duplicate lines (every field the reader uses equal,
+typically a file concatenated twice) are dropped with a warning naming the file, the count and the
+first repeated line, because they carry no information yet would double-count an interaction (the
+same item at another time is a real re-consumption and stays); and catalogue files
+(movies.dat, users.dat) are read as UTF-8 when the whole file is valid UTF-8, else as ISO-8859-1
+(the encoding of the real ML-1M), so a re-encoded copy keeps its accented titles.
+
+MovieLens ids index the item embedding directly, so they must be integers in
+``1..MAX_ITEM_ID``; larger or arbitrary ids belong in the 'table' layout, which remaps them.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 GROUPLENS_HINT = (
     "Download MovieLens-1M from GroupLens (https://files.grouplens.org/datasets/movielens/ml-1m.zip), "
@@ -25,6 +39,11 @@ GROUPLENS_HINT = (
 
 ORDERED_NAME = "interactions_all_users_ordered.tsv"
 LAYOUTS = ("ml1m", "ml1m-ordered", "table")
+INT64_MAX = 2**63 - 1
+# ids index the embedding table directly: 10M rows is already several GB of parameters
+MAX_ITEM_ID = 10_000_000
+ID_FIELDS = {"UserID": INT64_MAX, "MovieID": MAX_ITEM_ID}  # field -> largest accepted value
+CATALOGUE_ENCODINGS = ("utf-8", "iso-8859-1")
 
 
 class DataError(ValueError):
@@ -52,20 +71,39 @@ class Interactions:
 
 # --------------------------------------------------------------------------- text lines
 
-def _open_text_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
-    """Yield (1-based line number, line) with strict decoding and a clear error per bad line."""
+def _read_raw(path: Path) -> bytes:
+    """The file's bytes, gunzipped when it starts with the gzip magic."""
     if not path.exists():
         raise DataError(path, "file not found. " + GROUPLENS_HINT)
+    if not path.is_file():
+        raise DataError(path, "not a regular file")
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise DataError(path, f"corrupt gzip data ({exc})") from None
+    return raw
+
+
+def _open_text_lines(path: Path, encoding: str | tuple[str, ...]) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, line) with strict decoding and a clear error per bad line.
+
+    With several encodings the first that decodes the whole file is used (a UTF-8 BOM is ignored).
+    """
+    raw = _read_raw(path)
     if not raw.strip():
         raise DataError(path, "file is empty")
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:4096]:
-        raise DataError(path, f"wrong encoding: NUL bytes found (UTF-16 or binary?); expected {encoding} text", 1)
+    nul = 0 if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.find(b"\x00")
+    if nul >= 0:
+        expected = encoding if isinstance(encoding, str) else " or ".join(encoding)
+        raise DataError(path, f"wrong encoding: NUL byte or UTF-16 byte order mark (UTF-16 or binary data?); "
+                              f"expected {expected} text", raw.count(b"\n", 0, nul) + 1)
+    if raw[:3] == b"\xef\xbb\xbf":
+        raw = raw[3:]
+    if not isinstance(encoding, str):
+        encoding = next((e for e in encoding[:-1] if _decodes(raw, e)), encoding[-1])
+    empty = True
     for number, line in enumerate(raw.split(b"\n"), start=1):
         try:
             text = line.decode(encoding)
@@ -74,14 +112,39 @@ def _open_text_lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
                                   f"is not valid {encoding}", number) from None
         text = text.rstrip("\r")
         if text.strip():
+            empty = False
             yield number, text
+    if empty:  # only (Unicode) whitespace, e.g. a lone \x1c
+        raise DataError(path, "file is empty")
+
+
+def _decodes(raw: bytes, encoding: str) -> bool:
+    try:
+        raw.decode(encoding)
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def _int_field(path: Path, number: int, value: str, name: str) -> int:
     try:
-        return int(value)
+        number_value = int(value)
     except ValueError:
         raise DataError(path, f"{name} {value!r} is not an integer", number) from None
+    if not -INT64_MAX - 1 <= number_value <= INT64_MAX:
+        raise DataError(path, f"{name} {value.strip()} is out of range (beyond 64-bit integers)", number)
+    if name in ID_FIELDS:
+        _check_id(path, number, number_value, name)
+    return number_value
+
+
+def _check_id(path: Path, number: int | None, value: int, name: str) -> None:
+    """Ids are positive; MovieIDs index the embedding, so an absurdly large one is refused too."""
+    if value < 1:
+        raise DataError(path, f"{name} {value} is not a positive integer", number)
+    if value > ID_FIELDS[name]:
+        raise DataError(path, f"{name} {value} is larger than {ID_FIELDS[name]:,} (it would index an item "
+                              "embedding of that many rows); use the 'table' layout, which remaps ids", number)
 
 
 def _split_fields(path: Path, number: int, text: str, sep: str, expected: int, form: str) -> list[str]:
@@ -119,7 +182,11 @@ def _int_rows(path: Path, sep: str, names: tuple[str, ...], header: bool = False
         frame = pd.read_csv(io.StringIO(text), sep="\t", header=0 if header else None, dtype=np.int64,
                             engine="c", skip_blank_lines=True)
         if frame.shape[1] == len(names) and len(frame) and (not header or list(frame.columns) == list(names)):
-            return frame.to_numpy(dtype=np.int64)
+            table = frame.to_numpy(dtype=np.int64)
+            _check_id_columns(path, table, names, header)
+            return table
+    except DataError:
+        raise
     except Exception:
         pass
     lines = _open_text_lines(path, "utf-8")
@@ -136,12 +203,53 @@ def _int_rows(path: Path, sep: str, names: tuple[str, ...], header: bool = False
     return np.asarray(rows, dtype=np.int64)
 
 
+def _check_id_columns(path: Path, table: np.ndarray, names: tuple[str, ...], header: bool) -> None:
+    """Vectorised id range check of a parsed table; the first offender is reported with its line."""
+    for column, name in enumerate(names):
+        if name not in ID_FIELDS:
+            continue
+        bad = np.flatnonzero((table[:, column] < 1) | (table[:, column] > ID_FIELDS[name]))
+        if bad.size:
+            row = int(bad[0])
+            _check_id(path, _data_line(path, row, header), int(table[row, column]), name)
+
+
+def _data_line(path: Path, row: int, header: bool) -> int | None:
+    """The file line of the 0-based data ``row`` (blank lines and the header skipped); only on errors."""
+    lines = _open_text_lines(path, "utf-8")
+    if header:
+        next(lines, None)
+    for index, (number, _) in enumerate(lines):
+        if index == row:
+            return number
+    return None
+
+
+def drop_duplicate_rows(path: Path, columns: list[np.ndarray], header: bool) -> np.ndarray | None:
+    """Indices of the rows to keep when some rows repeat an earlier one in every column, else None.
+
+    Exact duplicates carry no information but would count an interaction twice, so they are
+    dropped with a warning naming the first repeated line (documented in the module docstring).
+    """
+    import pandas as pd
+
+    codes = {i: pd.factorize(c)[0] if c.dtype == object else c for i, c in enumerate(columns)}  # ints hash faster
+    duplicated = pd.DataFrame(codes).duplicated(keep="first").to_numpy()
+    if not duplicated.any():
+        return None
+    first = int(np.flatnonzero(duplicated)[0])
+    line = _data_line(path, first, header) if path.suffix.lower() != ".parquet" else None
+    where = f"line {line}" if line is not None else f"row {first + 1}"
+    log.warning("%s: dropped %d exact duplicate line(s) (the first is %s)", path, int(duplicated.sum()), where)
+    return np.flatnonzero(~duplicated)
+
+
 # --------------------------------------------------------------------------- ML-1M pieces
 
 def read_movies(path: Path) -> dict[int, str]:
-    """movies.dat: ``MovieID::Title::Genres`` in ISO-8859-1. Returns MovieID -> 'Title (Year)'."""
+    """movies.dat: ``MovieID::Title::Genres`` (ISO-8859-1, or UTF-8). Returns MovieID -> 'Title (Year)'."""
     movies: dict[int, str] = {}
-    for number, text in _open_text_lines(path, "iso-8859-1"):
+    for number, text in _open_text_lines(path, CATALOGUE_ENCODINGS):
         movie, title, _genres = _split_fields(path, number, text, "::", 3, "MovieID::Title::Genres")
         movies[_int_field(path, number, movie, "MovieID")] = title
     return movies
@@ -150,7 +258,7 @@ def read_movies(path: Path) -> dict[int, str]:
 def read_movie_genres(path: Path) -> dict[int, str]:
     """movies.dat genres as 'A|B|C' per MovieID (the text features use them)."""
     genres: dict[int, str] = {}
-    for number, text in _open_text_lines(path, "iso-8859-1"):
+    for number, text in _open_text_lines(path, CATALOGUE_ENCODINGS):
         movie, _title, genre = _split_fields(path, number, text, "::", 3, "MovieID::Title::Genres")
         genres[_int_field(path, number, movie, "MovieID")] = genre
     return genres
@@ -159,7 +267,7 @@ def read_movie_genres(path: Path) -> dict[int, str]:
 def read_users(path: Path) -> int:
     """users.dat: ``UserID::Gender::Age::Occupation::Zip-code``; validated, returns the user count."""
     count = 0
-    for number, text in _open_text_lines(path, "iso-8859-1"):
+    for number, text in _open_text_lines(path, CATALOGUE_ENCODINGS):
         fields = _split_fields(path, number, text, "::", 5, "UserID::Gender::Age::Occupation::Zip-code")
         _int_field(path, number, fields[0], "UserID")
         count += 1
@@ -171,7 +279,8 @@ def read_ml1m(folder: Path) -> Interactions:
     ratings_path = _find(folder, "ratings.dat")
     if ratings_path is None:
         raise DataError(folder / "ratings.dat", "file not found. " + GROUPLENS_HINT)
-    table = _int_rows(ratings_path, "::", ("UserID", "MovieID", "Rating", "Timestamp"))
+    table = _dedupe(ratings_path, _int_rows(ratings_path, "::", ("UserID", "MovieID", "Rating", "Timestamp")),
+                    header=False)
     titles, known = _catalogue(folder)
     users_path = _find(folder, "users.dat")
     if users_path is not None:
@@ -186,9 +295,14 @@ def read_ml1m_ordered(path: Path) -> Interactions:
         if found is None:
             raise DataError(path / ORDERED_NAME, "file not found. " + GROUPLENS_HINT)
         path = found
-    table = _int_rows(path, "\t", ("UserID", "MovieID", "SeqPos"), header=True)
+    table = _dedupe(path, _int_rows(path, "\t", ("UserID", "MovieID", "SeqPos"), header=True), header=True)
     titles, known = _catalogue(path.parent)
     return Interactions(table[:, 0], table[:, 1], table[:, 2], None, "ml1m-ordered", path, titles, known)
+
+
+def _dedupe(path: Path, table: np.ndarray, header: bool) -> np.ndarray:
+    keep = drop_duplicate_rows(path, [table[:, i] for i in range(table.shape[1])], header)
+    return table if keep is None else table[keep]
 
 
 def _catalogue(folder: Path) -> tuple[dict[int, str], np.ndarray | None]:
@@ -211,10 +325,14 @@ class TableColumns:
 
 def read_table(path: Path, columns: TableColumns = TableColumns()) -> Interactions:
     """A CSV/TSV/Parquet table; ids may be any strings (they are remapped later)."""
+    import io
+
     import pandas as pd
 
     if not path.exists():
         raise DataError(path, "file not found. " + GROUPLENS_HINT)
+    if not path.is_file():
+        raise DataError(path, "not a regular file")
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty")
     suffixes = "".join(path.suffixes[-2:]).lower()
@@ -222,10 +340,16 @@ def read_table(path: Path, columns: TableColumns = TableColumns()) -> Interactio
         if ".parquet" in suffixes:
             frame = pd.read_parquet(path)
         else:
-            sep = "\t" if ".tsv" in suffixes else ","
-            frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8")
+            raw = _read_raw(path)
+            if b"\x00" in raw or raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                _first_text_error(path)
+            frame = pd.read_csv(io.BytesIO(raw), sep="\t" if ".tsv" in suffixes else ",", dtype=str,
+                                keep_default_na=False, encoding="utf-8", compression=None)
     except UnicodeDecodeError as exc:
+        _first_text_error(path)
         raise DataError(path, f"wrong encoding: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except DataError:
+        raise
     except pd.errors.EmptyDataError:
         raise DataError(path, "file is empty") from None
     except pd.errors.ParserError as exc:
@@ -247,7 +371,17 @@ def read_table(path: Path, columns: TableColumns = TableColumns()) -> Interactio
             raise DataError(path, f"empty value in column {name!r}", _table_line(path, int(blank[0])))
     order = _numeric(path, frame[columns.time], columns.time, allow_dates=True)
     ratings = _numeric(path, frame[columns.rating], columns.rating) if columns.rating else None
+    keep = drop_duplicate_rows(path, [c for c in (users, items, order, ratings) if c is not None], header=True)
+    if keep is not None:
+        users, items, order = users[keep], items[keep], order[keep]
+        ratings = ratings[keep] if ratings is not None else None
     return Interactions(users, items, order, ratings, "table", path, {})
+
+
+def _first_text_error(path: Path) -> None:
+    """The slow, precise pass over a text file: raises its first encoding problem, with the line."""
+    for _ in _open_text_lines(path, "utf-8"):
+        pass
 
 
 def _table_line(path: Path, row: int) -> int | None:
@@ -266,9 +400,17 @@ def _numeric(path: Path, series, name: str, allow_dates: bool = False) -> np.nda
             return dates.astype("int64").to_numpy()
     if bad.size:
         row = int(bad[0])
-        raise DataError(path, f"column {name!r} value {series.iloc[row]!r} is not a number"
-                              + (" or a date" if allow_dates else ""), _table_line(path, row))
-    return values.to_numpy(dtype=np.float64)
+        value = series.iloc[row]
+        problem = ("is empty (a missing field or a truncated line?)" if isinstance(value, str) and not value.strip()
+                   else "is not a number" + (" or a date" if allow_dates else ""))
+        raise DataError(path, f"column {name!r} value {value!r} {problem}", _table_line(path, row))
+    numbers = values.to_numpy(dtype=np.float64)
+    infinite = np.flatnonzero(~np.isfinite(numbers))
+    if infinite.size:
+        row = int(infinite[0])
+        raise DataError(path, f"column {name!r} value {series.iloc[row]!r} is not a finite number",
+                        _table_line(path, row))
+    return numbers
 
 
 # --------------------------------------------------------------------------- layout detection
@@ -304,6 +446,9 @@ def read_interactions(path: Path | str, layout: str | None = None,
     if layout not in LAYOUTS:
         raise DataError(path, f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     if layout == "ml1m":
+        if path.is_file() and path.name.lower() not in ("ratings.dat", "ratings.dat.gz"):  # never read a sibling
+            raise DataError(path, "the 'ml1m' layout reads ratings.dat (with movies.dat and users.dat beside it); "
+                                  "pass their folder or the ratings.dat file itself")
         return read_ml1m(path if path.is_dir() else path.parent)
     if layout == "ml1m-ordered":
         return read_ml1m_ordered(path)
@@ -324,5 +469,5 @@ def read_json_gz(path: Path) -> dict:
         return json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise DataError(path, "file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(path, f"not a valid JSON file ({exc})") from None

@@ -15,7 +15,7 @@ log = logging.getLogger("feddmmr")
 
 
 def add_features_parser(sub) -> None:
-    from ..cli import add_data_args
+    from ..cli import _int_at_least, add_data_args
     from .visual_encoder import VISUAL_ENCODERS
 
     parser = sub.add_parser(
@@ -38,15 +38,15 @@ def add_features_parser(sub) -> None:
                     help="item<TAB>text file keyed by raw item id (custom datasets; overrides ML-1M texts)")
     ex.add_argument("--modality", choices=["text", "visual", "both"], default="both")
     ex.add_argument("--force", action="store_true", help="recompute even if the input hash matches")
-    ex.add_argument("--text-batch", type=int, default=64)
-    ex.add_argument("--visual-batch", type=int, default=32)
-    ex.add_argument("--workers", type=int, default=None,
+    ex.add_argument("--text-batch", type=_int_at_least(1), default=64)
+    ex.add_argument("--visual-batch", type=_int_at_least(1), default=32)
+    ex.add_argument("--workers", type=_int_at_least(0), default=None,
                     help="DataLoader workers decoding posters (default: 1 if 2+ cores, else 0)")
-    ex.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ex.add_argument("--threads", type=_int_at_least(1), default=None, help="torch threads (default: all cores)")
     ex.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ck = parser.add_argument_group("check")
     ck.add_argument("--features", type=Path, help="feature folder to check")
-    ck.add_argument("--seed", type=int, default=0, help="seed of the random pairs")
+    ck.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the random pairs")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=cmd_features, features_parser=parser)
 

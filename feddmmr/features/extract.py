@@ -116,7 +116,7 @@ def find_posters(folder: Path | None, known: dict[int, object]) -> dict[int, Pat
     found: dict[int, Path] = {}
     for index, raw in known.items():
         for suffix in POSTER_SUFFIXES:
-            if f"{raw}{suffix}" in names:
+            if f"{raw}{suffix}" in names and (folder / f"{raw}{suffix}").is_file():  # not a folder or dead link
                 found[index] = folder / f"{raw}{suffix}"
                 break
     return found

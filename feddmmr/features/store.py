@@ -73,7 +73,7 @@ def load_table(path: Path | str, num_items: int | None = None) -> FeatureTable:
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and weights_only errors come in many types
-        raise FeatureError(path, f"not a readable feature file ({type(exc).__name__}: {exc})") from None
+        raise FeatureError(path, f"not a readable feature file ({_load_failure(exc)})") from None
     if not isinstance(raw, dict) or not {"features", "mask", "meta"} <= set(raw):
         found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
         raise FeatureError(path, f"malformed feature file: expected a dict with 'features', 'mask' and "
@@ -84,6 +84,20 @@ def load_table(path: Path | str, num_items: int | None = None) -> FeatureTable:
         raise FeatureError(path, f"has {table.num_items} rows but the dataset has {num_items} item indices; "
                                  "extract the features for this dataset")
     return table
+
+
+def _load_failure(exc: Exception) -> str:
+    """One line for a failed ``torch.load``: torch's own message spans lines and suggests the unsafe
+    ``weights_only=False``, which must never be followed for a file that asks to run code."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        reason = " ".join(text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0].split())
+        if "global" in reason.lower():
+            return (f"{type(exc).__name__}: refused, the file holds code or objects other than tensors and plain "
+                    f"data ({reason.split('. ')[0]}); never load it with weights_only=False")
+        return f"{type(exc).__name__}: not a torch.save file ({reason})"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else 'unknown error'}"
 
 
 def validate(table: FeatureTable, path: Path | str) -> None:
@@ -112,10 +126,11 @@ def validate(table: FeatureTable, path: Path | str) -> None:
         raise bad(f"meta['coverage'] = {meta['coverage']} but the mask has {int(mask.sum())} items")
     if bool(mask[0]):
         raise bad("row 0 is the padding item and must have mask False")
+    if not torch.isfinite(features).all():
+        row = int((~torch.isfinite(features)).any(1).nonzero()[0])
+        raise bad(f"features contain NaN or infinite values (first in row {row})")
     if (features[~mask] != 0).any():
         raise bad("rows with mask False must be zero")
-    if not torch.isfinite(features).all():
-        raise bad("features contain NaN or infinite values")
     norms = features[mask].norm(dim=1)
     if norms.numel() and ((norms - 1).abs() > 1e-3).any():
         raise bad("rows with mask True must be L2-normalised")

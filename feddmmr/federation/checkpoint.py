@@ -86,17 +86,29 @@ def read_run_config(run_dir: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path}: not found; is {run_dir} a feddmmr run directory?")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        payload = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+    _require_section(path, payload, "train")
+    return payload
+
+
+def _require_section(path: Path, payload, name: str) -> None:
+    if not isinstance(payload, dict) or not isinstance(payload.get(name), dict):
+        raise CheckpointError(f"{path}: not a feddmmr run config (no {name!r} section); is it from another tool?")
 
 
 def load_model(run_dir: Path) -> tuple[UR4RecV2MoE, dict]:
     """Rebuild a run's model from its config and weights (for evaluate / recommend)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    model = UR4RecV2MoE(**config["model"])
-    model.load_state_dict(load_weights(run_dir / MODEL_FILE))
+    _require_section(run_dir / CONFIG_FILE, config, "model")
+    try:
+        model = UR4RecV2MoE(**config["model"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{run_dir / CONFIG_FILE}: cannot rebuild the model from its 'model' section ({exc})") \
+            from None
+    _load_groups(model, load_weights(run_dir / MODEL_FILE), run_dir / MODEL_FILE)
     model.eval()
     return model, config
 
@@ -120,8 +132,16 @@ def load_init(model: UR4RecV2MoE, init_dir: Path, required: list[str]) -> list[s
     absent = [g for g in held if g not in present]
     if absent:
         raise CheckpointError(f"{init_dir / MODEL_FILE}: parameter group(s) {absent} are missing from the weights")
-    model.load_state_dict(state, groups=held)
+    _load_groups(model, state, init_dir / MODEL_FILE, held)
     return held
+
+
+def _load_groups(model: UR4RecV2MoE, state: dict, path: Path, groups: list[str] | None = None) -> None:
+    """``model.load_state_dict`` with the checkpoint file named in a mismatch (group, key and shapes)."""
+    try:
+        model.load_state_dict(state, groups=groups)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc} (was it trained with another model size or dataset?)") from None
 
 
 def _known(key: str) -> bool:
