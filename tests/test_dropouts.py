@@ -48,9 +48,9 @@ def test_the_dropped_clients_are_a_seeded_fraction_of_the_sampled_ones():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("client_dropout", "1.0", r"client_dropout must be in \[0, 1\), got 1.0"),
-    ("client_dropout", "-0.1", "client_dropout must be in"),
-    ("min_clients", "0", "min_clients must be >= 1, got 0"),
+    ("client_dropout", "1.0", r"'client_dropout' = 1.0 is out of range; allowed: \[0, 1\)"),
+    ("client_dropout", "-0.1", r"'client_dropout' = -0.1 is out of range"),
+    ("min_clients", "0", r"'min_clients' = 0 is out of range; allowed: >= 1"),
 ])
 def test_out_of_range_values_are_refused_naming_the_key(key, value, message):
     with pytest.raises(ConfigError, match=message):
