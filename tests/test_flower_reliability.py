@@ -30,7 +30,6 @@ from feddmmr.federation import checkpoint as ckpt
 from feddmmr.federation.server import ITEM_EMBEDDING_KEY, sample_clients
 from feddmmr.flower import core, deploy, secure
 from feddmmr.flower.server_app import NodeError, run_server
-from feddmmr.runner import run_federated
 
 from .fedtools import tiny_config, tiny_dataset
 from .flowertools import LocalGrid
@@ -165,14 +164,17 @@ def _max_difference(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("failing", [None, 2], ids=["all-nodes", "a-node-fails-mid-protocol"])
+@pytest.mark.parametrize("failing", [None, "training", "gone"],
+                         ids=["all-nodes", "a-node-fails-in-training", "a-node-is-gone-before-setup"])
 def test_secure_aggregation_gives_the_plain_sum_and_reveals_no_update(data_dir, tmp_path, failing):
     histories, weights = {}, {}
     for on in (False, True):
         config = run_config(data_dir, tmp_path / f"secure_{on}", secure_aggregation=on, num_rounds=1)
         grid = LocalGrid(config, 3)
-        if failing is not None:  # its ClientApp raises in training (SecAgg+: in the masked-vector stage)
-            grid.fail_when[grid.node(failing)] = is_train()
+        if failing == "training":  # its ClientApp raises in training (SecAgg+: in the masked-vector stage)
+            grid.fail_when[grid.node(2)] = is_train()
+        elif failing == "gone":  # it never answers again after joining (SecAgg+: not even the setup stage)
+            grid.silent_when[grid.node(2)] = lambda message: message.metadata.message_type != "query"
         histories[on] = run_server(grid, config)
         weights[on] = _weights(tmp_path / f"secure_{on}")
         if on:
@@ -189,8 +191,10 @@ def test_secure_aggregation_gives_the_plain_sum_and_reveals_no_update(data_dir, 
     for key, value in plain["rounds"][0]["losses"].items():
         assert abs(value - secured["rounds"][0]["losses"][key]) < 1e-4
     stages = next(w for w in secured["flower"]["waves"] if w["message"] == "train")["secagg"]["stages"]
-    assert [s["stage"] for s in stages] == ["setup", "share_keys", "collect_masked_vectors", "unmask"]
-    assert [s["answered"] for s in stages] == ([3, 3, 3, 3] if failing is None else [3, 3, 2, 2])
+    expected = {None: [("setup", 3), ("share_keys", 3), ("collect_masked_vectors", 3), ("unmask", 3)],
+                "training": [("setup", 3), ("share_keys", 3), ("collect_masked_vectors", 2), ("unmask", 2)],
+                "gone": [("setup", 2), ("setup", 2), ("share_keys", 2), ("collect_masked_vectors", 2), ("unmask", 2)]}
+    assert [(s["stage"], s["answered"]) for s in stages] == expected[failing]
 
 
 # --------------------------------------------------------------------------- loopback deployment
@@ -213,39 +217,38 @@ def _kill_when(log: Path, marker: str, pid_tree, timeout: float = 300.0) -> thre
     return thread
 
 
-def test_loopback_a_killed_supernode_is_dropped_and_the_run_finishes(data_dir, tmp_path):
+def test_loopback_secure_aggregation_survives_a_killed_supernode_and_matches_the_plain_model(data_dir, tmp_path):
+    """Three SuperNodes, SecAgg+ on, one SuperNode (and everything it started) SIGKILLed once the nodes
+    have joined: the round goes on without its partition, through every SecAgg+ stage, and yields the
+    model of the plain (unsecured) loop without that partition."""
     home = tmp_path / "flwr_home"
-    with deploy.Deployment(2, home, threads=1) as deployment:
-        node = next(p for p in deployment.processes.started if p.name == "supernode-1")
-        killer = _kill_when(home / "logs" / "flwr_run.log", "node(s) ready", lambda: deploy.process_tree(node.process.pid))
-        result = deployment.run({**TINY, "num_rounds": 1, "round_timeout": 45.0, "data": str(data_dir),
-                                 "out": str(tmp_path / "run")}, timeout=400, echo=False)
+    with deploy.Deployment(3, home, threads=1) as deployment:
+        node = next(p for p in deployment.processes.started if p.name == "supernode-2")
+        killer = _kill_when(home / "logs" / "flwr_run.log", "node(s) ready",
+                            lambda: deploy.process_tree(node.process.pid))
+        result = deployment.run({**TINY, "num_rounds": 1, "secure_aggregation": True, "round_timeout": 45.0,
+                                 "data": str(data_dir), "out": str(tmp_path / "secure")}, timeout=400, echo=False)
         killer.join(timeout=1)
         assert node.process.poll() == -signal.SIGKILL
         running = deployment.processes.pids()
-    assert not deploy.alive(running)
+    assert not deploy.alive(running)  # every Flower process started here is gone
     assert result.ok, result.output[-3000:]
     history = result.history
-    assert history["rounds"][0]["dropped"] == sampled_in(1, 1, 2)
-    assert [d["partition"] for d in history["flower"]["lost"]] == [1]
-    assert "dropped partition 1" in result.output
-    assert all(r["users"] == 6 for r in history["val_metrics"] + list(history["final"].values()))
+    # the killed node's partition: dropped (logged and recorded), lost for the rest of the run
+    assert history["rounds"][0]["dropped"] == sampled_in(2, 1, 3)
+    assert [d["partition"] for d in history["flower"]["lost"]] == [2]
+    assert "dropped partition 2" in result.output
+    assert all(r["users"] == 8 for r in history["val_metrics"] + list(history["final"].values()))
     assert finite_metrics(history)
-
-
-def test_loopback_secure_aggregation_matches_the_in_process_model(data_dir, tmp_path):
-    from feddmmr.data.dataset import load_dataset
-
-    reference = tmp_path / "inproc"
-    run_federated(tiny_config(1, dropout=0.0, num_rounds=1), load_dataset(data_dir), reference, progress=False)
-    with deploy.Deployment(2, tmp_path / "flwr_home", threads=1) as deployment:
-        result = deployment.run({**TINY, "num_rounds": 1, "secure_aggregation": True, "data": str(data_dir),
-                                 "out": str(tmp_path / "secure")}, timeout=400, echo=False)
-        running = deployment.processes.pids()
-    assert not deploy.alive(running)
-    assert result.ok, result.output[-3000:]
-    assert "Secure aggregation completed" in result.output  # Flower's SecAgg+ workflow ran
-    wave = next(w for w in result.history["flower"]["waves"] if w["message"] == "train")
-    assert [(s["stage"], s["answered"]) for s in wave["secagg"]["stages"]] == \
-        [("setup", 2), ("share_keys", 2), ("collect_masked_vectors", 2), ("unmask", 2)]
-    assert _max_difference(_weights(reference), _weights(tmp_path / "secure")) < 1e-6
+    # through SecAgg+: the setup without the dead node, then every stage with the two others
+    assert "Secure aggregation completed" in result.output
+    wave = next(w for w in history["flower"]["waves"] if w["message"] == "train")
+    assert [(s["stage"], s["sent"], s["answered"]) for s in wave["secagg"]["stages"]] == \
+        [("setup", 3, 2), ("setup", 2, 2), ("share_keys", 2, 2), ("collect_masked_vectors", 2, 2), ("unmask", 2, 2)]
+    # the plain loop, same code without Flower processes, with partition 2 gone: the same model
+    config = run_config(data_dir, tmp_path / "plain", num_rounds=1)
+    grid = LocalGrid(config, 3)
+    grid.silent_when[grid.node(2)] = lambda message: message.metadata.message_type != "query"
+    plain = run_server(grid, config)
+    assert plain["rounds"][0]["dropped"] == history["rounds"][0]["dropped"]
+    assert _max_difference(_weights(tmp_path / "plain"), _weights(tmp_path / "secure")) < 1e-6

@@ -30,7 +30,7 @@ import io
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
@@ -38,7 +38,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
@@ -209,7 +209,9 @@ class _Workflow(SecAggPlusWorkflow):
     def setup_stage(self, grid, context, state) -> bool:
         ok = super().setup_stage(grid, context, state)
         state.nid_to_fitins = {node: self.contents[node] for node in state.nid_to_fitins}
-        return ok
+        # a node that misses the setup stage makes the unmask stage fail later (its neighbours hold no
+        # share of its key): halt now, before any training; the caller runs again without it
+        return ok and state.active_node_ids == set(self.contents)
 
 
 class _Stages:
@@ -221,14 +223,21 @@ class _Stages:
         self.send_and_receive_fn = send_and_receive
         self.stages: list[dict] = []
         self.prototypes: dict[int, list[tuple[int, np.ndarray]]] = {}
+        self.setup_missing: set[int] = set()  # nodes without a usable reply to the setup stage
+        self.setup_silent: set[int] = set()  # ... of which no reply at all (gone)
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
         messages = list(messages)
         stage = str(messages[0].content[RECORD_KEY_CONFIGS][Key.STAGE]) if messages else "none"
         tick = time.time()
         replies = self.send_and_receive_fn(messages, timeout)
-        self.stages.append({"stage": stage, "sent": len(messages), "answered": sum(not r.has_error() for r in replies),
+        answered = {r.metadata.src_node_id for r in replies if not r.has_error()}
+        silent = {m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies}
+        self.stages.append({"stage": stage, "sent": len(messages), "answered": len(answered),
                             "seconds": round(time.time() - tick, 3)})
+        if stage == Stage.SETUP:
+            self.setup_missing = {m.metadata.dst_node_id for m in messages} - answered
+            self.setup_silent = silent
         for reply in replies:
             if not reply.has_error() and CLEAR_PROTOTYPES in reply.content:
                 self.prototypes[reply.metadata.src_node_id] = config_to_prototypes(reply.content[CLEAR_PROTOTYPES])
@@ -243,6 +252,8 @@ class SecureRound:
     failures: list[str]
     stages: list[dict]  # per SecAgg+ stage: messages sent, answered, seconds
     quantization_range: int
+    setup_missing: set[int] = field(default_factory=set)  # Flower's workflow halts when a node drops at setup
+    setup_silent: set[int] = field(default_factory=set)
 
 
 def secure_round(send_and_receive: Callable[[list[Message], float | None], list[Message]],
@@ -264,7 +275,7 @@ def secure_round(send_and_receive: Callable[[list[Message], float | None], list[
     workflow(grid, context)
     failures = [str(f) for f in strategy.failures]
     if not strategy.results:
-        return SecureRound(None, {}, [], failures, grid.stages, levels)
+        return SecureRound(None, {}, [], failures, grid.stages, levels, grid.setup_missing, grid.setup_silent)
     average = parameters_to_ndarrays(strategy.results[0][1].parameters)[0]
     answered = {proxy.node_id: dict(fitres.metrics) for proxy, fitres in strategy.results}
     prototypes = [pair for node in sorted(answered) for pair in grid.prototypes.get(node, [])]

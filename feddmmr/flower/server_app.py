@@ -264,12 +264,26 @@ def run_server(grid: Grid, run_config: dict) -> dict:
         extra = {secure.SCALE_KEY: scale, secure.CLIPPING_KEY: clipping}
         contents = {node: msgs.train_content(global_state, round_number, groups.get(p, []), prototypes, extra)
                     for p, node in targets.items()}
-        result = secure.secure_round(federation.send_and_receive, contents, round_number, timeout, clipping)
         partition_of = {node: p for p, node in targets.items()}
+        stages = []
+        while True:
+            result = secure.secure_round(federation.send_and_receive, contents, round_number, timeout, clipping)
+            stages += result.stages
+            if result.total is not None or not result.setup_missing or len(targets) - len(result.setup_missing) < 2:
+                break
+            # Flower's workflow halts when a node drops before sharing its keys: run again without it
+            for node in sorted(result.setup_missing):
+                partition = partition_of[node]
+                reason = "no usable SecAgg+ setup reply" + (f" within {timeout:g}s" if node in result.setup_silent else "")
+                if node in result.setup_silent:
+                    federation.lost[partition] = f"{reason} in train {round_number}"
+                dropped.append(federation.drop(partition, reason, f"train {round_number}"))
+                del targets[partition], contents[node]
+            _say(f"SecAgg+ halted in round {round_number}; again with partitions {sorted(targets)}")
         answered = sorted(partition_of[node] for node in result.answered)
         reason = "did not complete SecAgg+" + (f" ({'; '.join(result.failures)})" if result.failures else "")
         dropped += [federation.drop(p, reason, f"train {round_number}") for p in sorted(targets) if p not in answered]
-        extra_info = {"secagg": {"stages": result.stages, "quantization_range": result.quantization_range,
+        extra_info = {"secagg": {"stages": stages, "quantization_range": result.quantization_range,
                                  "clipping_range": clipping, "scale": scale}}
         if result.total is None:
             require_clients(0, config.min_clients, round_number, sum(map(len, groups.values())), dropped)
