@@ -141,7 +141,7 @@ def test_the_secure_vector_layout_round_trips_and_refuses_entries_beyond_the_cli
     assert back.losses["next_item"] == 9.0 and back.losses["load_balance"] == 0.0
     empty = layout.pack(core.NodeUpdate({}, None, 0.0, [], {}, 0, 0), 4.0, 8.0)  # a node with no sampled users
     assert not empty.any()
-    with pytest.raises(ValueError, match=r"reaches 1.5, outside the clipping range \+-1.0; raise secagg_clipping_range"):
+    with pytest.raises(ValueError, match=r"reaches 1.5, outside the clipping range \+-1.0; raise secagg_clipping"):
         layout.pack(update, scale=4.0, clipping=1.0)
 
 

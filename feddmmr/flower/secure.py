@@ -156,7 +156,8 @@ def config_to_prototypes(record: ConfigRecord) -> list[tuple[int, np.ndarray]]:
     return [(int(u), values[offsets[i]:offsets[i + 1]]) for i, u in enumerate(record["users"])]
 
 
-def secure_reply(vector: np.ndarray, prototypes: list[tuple[int, np.ndarray]], stats: Mapping[str, float]) -> RecordDict:
+def secure_reply(vector: np.ndarray, prototypes: list[tuple[int, np.ndarray]],
+                 stats: Mapping[str, float]) -> RecordDict:
     """A node's train reply under SecAgg+: the vector in Flower's FitRes layout (the mod masks it),
     weight 1; the clear part: ``stats`` and the prototypes."""
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([vector]), 1, dict(stats))

@@ -274,8 +274,9 @@ def run_server(grid: Grid, run_config: dict) -> dict:
             # Flower's workflow halts when a node drops before sharing its keys: run again without it
             for node in sorted(result.setup_missing):
                 partition = partition_of[node]
-                reason = "no usable SecAgg+ setup reply" + (f" within {timeout:g}s" if node in result.setup_silent else "")
-                if node in result.setup_silent:
+                silent = node in result.setup_silent
+                reason = "no usable SecAgg+ setup reply" + (f" within {timeout:g}s" if silent else "")
+                if silent:
                     federation.lost[partition] = f"{reason} in train {round_number}"
                 dropped.append(federation.drop(partition, reason, f"train {round_number}"))
                 del targets[partition], contents[node]
