@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/flower_speed.py [--data ../shared/data/ml-1m] [--users 1000] [--rounds 3]
         [--nodes 3] [--sim-nodes N] [--only inprocess,simulation,deployment] [--set key=value ...]
+    .venv/bin/python bench/flower_speed.py --rounds 2 --only deployment,deployment-secagg   # SecAgg+ off vs on
 
 The Stage 1 preset (100 negatives, batch 64, client_fraction 0.1: 100 clients a round for 1,000
 users), validation (sampled protocol) after every round. A round's seconds are the runner's own
@@ -34,7 +35,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--nodes", type=int, default=3, help="SuperNodes (user partitions) of the deployment")
     p.add_argument("--sim-nodes", type=int, default=None, help="virtual SuperNodes of the simulation (default --nodes)")
-    p.add_argument("--only", default="inprocess,simulation,deployment")
+    p.add_argument("--only", default="inprocess,simulation,deployment",
+                   help="comma-separated: inprocess, simulation, deployment, deployment-secagg")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra training config keys")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per training process: the in-process runner and each deployed ClientApp "
@@ -101,14 +103,19 @@ def main() -> int:
         rows.append(summarise("Flower simulation", nodes, result.history, result.seconds))
         print(f"simulation done in {result.seconds:.1f}s (load {load()})", flush=True)
 
-    if "deployment" in wanted:
+    variants = [(name, label, extra) for name, label, extra in (
+        ("deployment", "Flower deployment (loopback)", {}),
+        ("deployment-secagg", "Flower deployment (loopback), SecAgg+", {"secure_aggregation": True}))
+        if name in wanted]
+    if variants:  # one SuperLink and its SuperNodes for both
         with deploy.Deployment(args.nodes, work / "flwr_home_deploy", threads=args.threads or None) as deployment:
-            result = deployment.run({**run_config, "out": str(work / "deployment")}, echo=False)
-        if not result.ok:
-            print(result.output[-4000:])
-            raise SystemExit("the deployment failed")
-        rows.append(summarise("Flower deployment (loopback)", args.nodes, result.history, result.seconds))
-        print(f"deployment done in {result.seconds:.1f}s (load {load()})", flush=True)
+            for name, label, extra in variants:
+                result = deployment.run({**run_config, **extra, "out": str(work / name)}, echo=False, log_name=name)
+                if not result.ok:
+                    print(result.output[-4000:])
+                    raise SystemExit(f"the {name} run failed")
+                rows.append(summarise(label, args.nodes, result.history, result.seconds))
+                print(f"{name} done in {result.seconds:.1f}s (load {load()})", flush=True)
 
     after = load()
     print()

@@ -6,7 +6,9 @@ Messages (all built and read in :mod:`.messages`):
   server needs to know of the data (sizes, fingerprint, statistics) — never interactions.
 * ``train``: the global state of the transmitted groups, the round, the node's sampled users
   and the global prototypes -> the users trained in ascending order by one LocalTrainer,
-  pre-aggregated (``Aggregator.partial``), plus their prototypes and summed losses.
+  pre-aggregated (``Aggregator.partial``), plus their prototypes and summed losses. With
+  secure aggregation the train messages are SecAgg+ stages (:mod:`.secure`): the mod answers
+  three of them itself, and the update goes back as one masked vector.
 * ``evaluate``: a global state and prototypes -> the node's users scored by the one
   evaluation loop, one result per requested (split, protocol).
 
@@ -27,6 +29,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from . import messages as msgs
+from . import secure
 from .core import PATH_KEYS, NodeRuntime, partition_users
 
 MEMORY = "feddmmr.memory"
@@ -100,7 +103,7 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({msgs.CONFIG: reply}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secure.secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     startup, tick = _startup_seconds(), time.time()
     runtime, users, how = _node(context)
@@ -109,9 +112,13 @@ def train(msg: Message, context: Context) -> Message:
     foreign = sorted(set(sampled) - set(users.tolist()))
     if foreign:
         raise ValueError(f"users {foreign[:5]} are not in partition {context.node_config['partition-id']}")
-    update = runtime.train(sampled, msgs.record_to_state(msg.content[msgs.GLOBAL]), int(config["round"]),
-                           msgs.record_to_prototypes(msg.content))
+    global_state = msgs.record_to_state(msg.content[msgs.GLOBAL])
+    update = runtime.train(sampled, global_state, int(config["round"]), msgs.record_to_prototypes(msg.content))
     stats = {"client-data": _SOURCE[how], "seconds": time.time() - tick, "startup-seconds": startup}
+    if secure.SCALE_KEY in config:  # SecAgg+: one vector, masked by the mod; only stats and prototypes in the clear
+        layout = secure.Layout.of(global_state, runtime.config.item_embedding_aggregation)
+        vector = layout.pack(update, float(config[secure.SCALE_KEY]), float(config[secure.CLIPPING_KEY]))
+        return Message(secure.secure_reply(vector, update.prototypes, stats), reply_to=msg)
     return Message(msgs.update_to_content(update, stats), reply_to=msg)
 
 

@@ -52,7 +52,9 @@ APP_KEYS = {
     "out": "runs/flower",  # the run directory the ServerApp writes
     "resume": False,  # continue an interrupted run in `out`
     "node_wait": 120.0,  # seconds the ServerApp waits for every partition's node to connect
-    "message_timeout": 3600.0,  # seconds to wait for the replies of one round
+    "round_timeout": 600.0,  # seconds a wave (train, evaluate, a SecAgg+ stage) waits; nodes late by then are dropped
+    "secure_aggregation": False,  # sum the nodes' updates with SecAgg+ (feddmmr/flower/secure.py)
+    "secagg_clipping_range": 8.0,  # SecAgg+: the scaled update entries must lie in [-range, range]
     "poll_interval": 0.05,  # seconds between pulls of replies
 }
 PATH_KEYS = ("data", "features", "init")  # a node's --node-config may override these

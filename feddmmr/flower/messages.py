@@ -77,9 +77,11 @@ def record_to_prototypes(content: RecordDict) -> torch.Tensor | None:
 # --------------------------------------------------------------------------- train
 
 def train_content(global_state: Mapping[str, torch.Tensor], round_number: int, users: list[int],
-                  prototypes: torch.Tensor | None) -> RecordDict:
+                  prototypes: torch.Tensor | None, extra: Mapping[str, float] | None = None) -> RecordDict:
+    """A node's train message; ``extra`` config entries (e.g. the SecAgg+ scale) go into its config record."""
     content = RecordDict({GLOBAL: state_to_record(global_state),
-                          CONFIG: ConfigRecord({"round": int(round_number), "users": [int(u) for u in users]})})
+                          CONFIG: ConfigRecord({"round": int(round_number), "users": [int(u) for u in users],
+                                                **(extra or {})})})
     if prototypes is not None:
         content[PROTOTYPES] = prototypes_to_record(prototypes)
     return content

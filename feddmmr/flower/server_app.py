@@ -11,6 +11,13 @@ validation_curves.png, resume/). The clients' memories stay on the nodes (no mem
 
 The loop pushes a round's messages at once and pulls replies every ``poll_interval`` seconds
 (``Grid.send_and_receive`` sleeps 3 s between pulls in a deployment).
+
+Dropouts: a wave (train, evaluate) uses the replies that arrive within ``round_timeout``; a node
+that failed is logged and recorded (``dropped`` in the round entry and the wave), one that timed
+out or went offline is lost for the rest of the run. A round stops the run only when fewer than
+``min_clients`` sampled clients' updates arrived; evaluation combines the nodes that answered.
+With ``secure_aggregation`` the train step is a SecAgg+ round (:mod:`.secure`) over every
+reachable node: the server gets the sum of the nodes' updates, not the updates.
 """
 
 from __future__ import annotations
@@ -23,12 +30,14 @@ from pathlib import Path
 import flwr
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from ..evaluation import format_metrics
 from ..federation.server import Aggregator, sample_clients
 from ..runner import make_server_optimizer, setup
 from . import messages as msgs
+from . import secure
 from .core import (VALIDATION_BATCH, Catalogue, RunRecord, combine_results, final_requests, group_by_partition,
                    load_state, merge_prototypes, path_setting, round_entry, run_config_payload, train_config)
 
@@ -45,8 +54,9 @@ def _say(text: str) -> None:
     print(text, flush=True)  # the ServerApp's stdout is what `flwr run --stream` shows
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float) -> list[Message]:
-    """Push ``messages``, pull until every one has a reply; replies in the order of ``messages``."""
+def gather(grid: Grid, messages: list[Message], timeout: float, poll: float) -> list[Message | None]:
+    """Push ``messages``, pull until every one has a reply or ``timeout`` seconds passed; the replies
+    in the order of ``messages`` (None: no reply in time; error replies are returned as they are)."""
     if not messages:
         return []
     ids = list(grid.push_messages(messages))
@@ -62,16 +72,22 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float) -
                 replies[index] = reply
         if pending:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(pending)} of {len(ids)} nodes did not reply within {timeout:.0f}s")
+                break
             time.sleep(poll)
-    for message, reply in zip(messages, replies):
-        if reply.has_error():
-            raise NodeError(f"node {message.metadata.dst_node_id} failed on {message.metadata.message_type}: "
-                            f"{reply.error.reason}")
     return replies
 
 
-def discover(grid: Grid, wait: float, timeout: float, poll: float) -> tuple[dict[int, int], list[dict]]:
+def failure(reply: Message | None, timeout: float) -> tuple[str, bool] | None:
+    """Why a reply is unusable (None: usable), and whether its node is gone for good (timed out or
+    reported unavailable by the SuperLink) rather than failed once (an exception in its ClientApp)."""
+    if reply is None:
+        return f"no reply within {timeout:g}s", True
+    if reply.has_error():
+        return f"error {reply.error.code}: {reply.error.reason}", reply.error.code == ErrorCode.NODE_UNAVAILABLE
+    return None
+
+
+def discover(grid: Grid, wait: float, poll: float) -> tuple[dict[int, int], list[dict]]:
     """Query every node until each partition 0..P-1 has one: ``{partition: node_id}`` and the replies."""
     deadline = time.monotonic() + wait
     known: dict[int, dict] = {}
@@ -80,7 +96,11 @@ def discover(grid: Grid, wait: float, timeout: float, poll: float) -> tuple[dict
         if new:
             queries = [Message(RecordDict({msgs.CONFIG: ConfigRecord({})}), dst_node_id=n,
                                message_type=MessageType.QUERY) for n in new]
-            for node, reply in zip(new, exchange(grid, queries, timeout, poll)):
+            timeout = max(deadline - time.monotonic(), 1.0)
+            for node, reply in zip(new, gather(grid, queries, timeout, poll)):
+                why = failure(reply, timeout)
+                if why:
+                    raise NodeError(f"node {node} failed on query: {why[0]}")
                 known[node] = dict(reply.content[msgs.CONFIG])
         sizes = {int(info["num-partitions"]) for info in known.values()}
         if len(sizes) > 1:
@@ -102,6 +122,66 @@ def discover(grid: Grid, wait: float, timeout: float, poll: float) -> tuple[dict
         time.sleep(max(poll, 0.5))
 
 
+class Federation:
+    """The nodes of the run (one per partition) and the waves of messages to them. A node that does
+    not answer a wave is dropped from it; one that timed out or went offline is *lost* and gets no
+    further messages (the run continues without its partition)."""
+
+    def __init__(self, grid: Grid, nodes: dict[int, int], timeout: float, poll: float):
+        self.grid, self.nodes, self.timeout, self.poll = grid, nodes, timeout, poll
+        self.lost: dict[int, str] = {}  # partition -> why
+
+    def reachable(self, partitions, what: str) -> tuple[dict[int, int], list[dict]]:
+        """``{partition: node}`` of the partitions still served, and the dropped ones (lost or offline)."""
+        live = set(self.grid.get_node_ids())
+        out, dropped = {}, []
+        for partition in partitions:
+            node = self.nodes[partition]
+            if partition not in self.lost and node not in live:
+                self.lost[partition] = f"node {node} went offline (no heartbeat), before {what}"
+            if partition in self.lost:
+                dropped.append(self.drop(partition, f"lost: {self.lost[partition]}", what))
+            else:
+                out[partition] = node
+        return out, dropped
+
+    def drop(self, partition: int, reason: str, what: str) -> dict:
+        _say(f"dropped partition {partition} (node {self.nodes[partition]}) in {what}: {reason}")
+        return {"partition": int(partition), "node": int(self.nodes[partition]), "reason": reason}
+
+    def wave(self, kind: str, contents: dict[int, RecordDict], group) -> tuple[dict[int, Message], list[dict]]:
+        """One message per partition; the usable replies by partition, and the dropped partitions."""
+        what = f"{kind} {group}"
+        targets, dropped = self.reachable(contents, what)
+        messages = [Message(contents[p], dst_node_id=node, message_type=kind, group_id=str(group))
+                    for p, node in targets.items()]
+        replies = {}
+        for partition, reply in zip(targets, gather(self.grid, messages, self.timeout, self.poll)):
+            why = failure(reply, self.timeout)
+            if why is None:
+                replies[partition] = reply
+                continue
+            reason, gone = why
+            if gone:
+                self.lost[partition] = f"{reason} in {what}"
+            dropped.append(self.drop(partition, reason, what))
+        return replies, dropped
+
+    def send_and_receive(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """``Grid.send_and_receive`` for the SecAgg+ workflow, polling every ``poll`` seconds."""
+        replies = gather(self.grid, messages, self.timeout if timeout is None else timeout, self.poll)
+        return [reply for reply in replies if reply is not None]
+
+
+def require_clients(arrived: int, minimum: int, round_number: int, sampled: int, dropped: list[dict]) -> None:
+    """Stop the run when fewer than ``min_clients`` sampled clients' updates arrived."""
+    if arrived >= max(minimum, 1):
+        return
+    why = "; ".join(f"partition {d['partition']} (node {d['node']}): {d['reason']}" for d in dropped) or "none"
+    raise NodeError(f"round {round_number}: the updates of {arrived} of {sampled} sampled clients arrived, fewer than "
+                    f"min_clients={minimum}; dropped: {why}")
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_server(grid, dict(context.run_config))
@@ -109,26 +189,34 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_server(grid: Grid, run_config: dict) -> dict:
     config = train_config(run_config)
-    timeout = float(run_config.get("message_timeout", 3600.0))
+    timeout = float(run_config.get("round_timeout", 600.0))
     poll = float(run_config.get("poll_interval", 0.05))
+    secure_on = bool(run_config.get("secure_aggregation", False))
+    clipping = float(run_config.get("secagg_clipping_range", 8.0))
+    if secure_on:
+        secure.check_compatible(config)
     out_dir = path_setting("out", run_config) or Path("runs/flower")
     record = RunRecord(out_dir, bool(run_config.get("resume", False)))
 
     tick = time.time()
-    nodes, infos = discover(grid, float(run_config.get("node_wait", 120.0)), timeout, poll)
+    nodes, infos = discover(grid, float(run_config.get("node_wait", 120.0)), poll)
     ready_seconds = time.time() - tick
     num_partitions = len(nodes)
+    if secure_on and num_partitions < 2:
+        raise NodeError("secure aggregation needs at least 2 nodes (with one, the sum is that node's update)")
+    federation = Federation(grid, nodes, timeout, poll)
     first = infos[0]
     catalogue = Catalogue(int(first["num-users"]), int(first["num-items"]), str(first["fingerprint"]),
                           json.loads(first["stats"]))
     _say(f"{num_partitions} node(s) ready after {ready_seconds:.1f}s: {catalogue.num_users} users, "
-         f"{catalogue.num_items} item indices, data {catalogue.fingerprint}")
+         f"{catalogue.num_items} item indices, data {catalogue.fingerprint}"
+         + (" | secure aggregation: SecAgg+" if secure_on else ""))
 
     fed = setup(config, catalogue, path_setting("features", run_config), path_setting("init", run_config))
     model = fed.model
     memory_seconds = max(float(info["memory-build-seconds"]) for info in infos) if config.use_memory else 0.0
-    flower = {"version": flwr.__version__, "nodes": num_partitions,
-              "partition": "user % nodes", "data_fingerprint": catalogue.fingerprint}
+    flower = {"version": flwr.__version__, "nodes": num_partitions, "partition": "user % nodes",
+              "data_fingerprint": catalogue.fingerprint, "secure_aggregation": secure_on}
     record.start(run_config_payload(config, fed, catalogue.stats, flower), memory_seconds)
     server_optimizer = make_server_optimizer(config)
     start_round, prototypes = record.restore(model, server_optimizer)
@@ -141,46 +229,95 @@ def run_server(grid: Grid, run_config: dict) -> dict:
     for info in infos:
         client_data[str(info["client-data"])] += 1
 
-    def note(kind: str, round_number, replies: list[Message], seconds: float) -> None:
-        stats = [reply.content[msgs.STATS] for reply in replies]
+    def note(kind: str, round_number, stats: list, seconds: float, dropped: list[dict], **extra) -> None:
         for stat in stats:
             client_data[names[int(stat["client-data"])]] += 1
-        waves.append({"round": round_number, "message": kind, "nodes": len(replies), "seconds": round(seconds, 3),
-                      "node_seconds": round(max(float(stat["seconds"]) for stat in stats), 3),
-                      "startup_seconds": round(max(float(stat["startup-seconds"]) for stat in stats), 3)})
+        waves.append({"round": round_number, "message": kind, "nodes": len(stats), "seconds": round(seconds, 3),
+                      "node_seconds": round(max((float(stat["seconds"]) for stat in stats), default=0.0), 3),
+                      "startup_seconds": round(max((float(stat["startup-seconds"]) for stat in stats), default=0.0), 3),
+                      **({"dropped": dropped} if dropped else {}), **extra})
 
     def evaluate_all(state, protos, requests, group) -> list[dict]:
+        """Every reachable node scores its users; the results of the nodes that answered, combined."""
         tick = time.time()
-        messages = [Message(msgs.evaluate_content(state, protos, requests), dst_node_id=node,
-                            message_type=MessageType.EVALUATE, group_id=f"{group}") for node in nodes.values()]
-        replies = exchange(grid, messages, timeout, poll)
-        note("evaluate", group, replies, time.time() - tick)
-        per_node = [msgs.content_to_results(reply.content) for reply in replies]
+        contents = {p: msgs.evaluate_content(state, protos, requests) for p in nodes}
+        replies, dropped = federation.wave(MessageType.EVALUATE, contents, group)
+        if not replies:
+            raise NodeError(f"evaluate {group}: no node answered; dropped: {dropped}")
+        note("evaluate", group, [replies[p].content[msgs.STATS] for p in sorted(replies)], time.time() - tick, dropped)
+        per_node = [msgs.content_to_results(replies[p].content) for p in sorted(replies)]
         return [combine_results([results[i] for results in per_node]) for i in range(len(requests))]
+
+    def train_plain(round_number: int, groups: dict[int, list[int]]):
+        contents = {p: msgs.train_content(global_state, round_number, users, prototypes) for p, users in groups.items()}
+        replies, dropped = federation.wave(MessageType.TRAIN, contents, round_number)
+        updates = [msgs.content_to_update(replies[p].content) for p in sorted(replies)]  # partition order
+        return sorted(replies), updates, [replies[p].content[msgs.STATS] for p in sorted(replies)], dropped, {}
+
+    def train_secure(round_number: int, groups: dict[int, list[int]]):
+        # every reachable node takes part (with no users it adds zeros): SecAgg+ needs >= 2 of them
+        targets, dropped = federation.reachable(range(num_partitions), f"train {round_number}")
+        if len(targets) < 2:
+            raise NodeError(f"round {round_number}: secure aggregation needs >= 2 reachable nodes, "
+                            f"{len(targets)} left; dropped: {dropped}")
+        scale = secure.round_scale(groups, int(catalogue.stats.get("max_seq_len", 1)))
+        extra = {secure.SCALE_KEY: scale, secure.CLIPPING_KEY: clipping}
+        contents = {node: msgs.train_content(global_state, round_number, groups.get(p, []), prototypes, extra)
+                    for p, node in targets.items()}
+        partition_of = {node: p for p, node in targets.items()}
+        stages = []
+        while True:
+            result = secure.secure_round(federation.send_and_receive, contents, round_number, timeout, clipping)
+            stages += result.stages
+            if result.total is not None or not result.setup_missing or len(targets) - len(result.setup_missing) < 2:
+                break
+            # Flower's workflow halts when a node drops before sharing its keys: run again without it
+            for node in sorted(result.setup_missing):
+                partition = partition_of[node]
+                silent = node in result.setup_silent
+                reason = "no usable SecAgg+ setup reply" + (f" within {timeout:g}s" if silent else "")
+                if silent:
+                    federation.lost[partition] = f"{reason} in train {round_number}"
+                dropped.append(federation.drop(partition, reason, f"train {round_number}"))
+                del targets[partition], contents[node]
+            _say(f"SecAgg+ halted in round {round_number}; again with partitions {sorted(targets)}")
+        answered = sorted(partition_of[node] for node in result.answered)
+        reason = "did not complete SecAgg+" + (f" ({'; '.join(result.failures)})" if result.failures else "")
+        dropped += [federation.drop(p, reason, f"train {round_number}") for p in sorted(targets) if p not in answered]
+        extra_info = {"secagg": {"stages": stages, "quantization_range": result.quantization_range,
+                                 "clipping_range": clipping, "scale": scale}}
+        if result.total is None:
+            require_clients(0, config.min_clients, round_number, sum(map(len, groups.values())), dropped)
+        clients = sum(len(groups.get(p, [])) for p in answered)
+        layout = secure.Layout.of(global_state, config.item_embedding_aggregation)
+        update = layout.unpack(result.total, scale, clients)
+        update.prototypes = result.prototypes
+        stats = [result.answered[targets[p]] for p in answered]
+        return answered, [update], stats, dropped, extra_info
 
     for round_number in range(start_round, config.num_rounds + 1):
         tick = time.time()
         selected = sample_clients(catalogue.num_users, config.client_fraction, config.seed, round_number)
         groups = group_by_partition(selected, num_partitions)
-        messages = [Message(msgs.train_content(global_state, round_number, users, prototypes),
-                            dst_node_id=nodes[partition], message_type=MessageType.TRAIN, group_id=str(round_number))
-                    for partition, users in groups.items()]
-        replies = exchange(grid, messages, timeout, poll)
+        answered, updates, stats, dropped, extra = (train_secure if secure_on else train_plain)(round_number, groups)
+        arrived = sum(len(groups.get(p, [])) for p in answered)
+        require_clients(arrived, config.min_clients, round_number, len(selected), dropped)
         aggregator = Aggregator(global_state, config.item_embedding_aggregation)
         received, losses, samples = [], {}, 0
-        for reply in replies:  # partition order
-            update = msgs.content_to_update(reply.content)
+        for update in updates:
             aggregator.merge(update.sums, update.row_weight, update.total)
             received += update.prototypes
             samples += update.samples
             for key, value in update.losses.items():
                 losses[key] = losses.get(key, 0.0) + value
-        note("train", round_number, replies, time.time() - tick)
+        note("train", round_number, stats, time.time() - tick, dropped, **extra)
         global_state = server_optimizer.step(global_state, aggregator.result())
         load_state(model, global_state)
         prototypes = merge_prototypes(config, received, round_number, prototypes)
         train_seconds = time.time() - tick
-        entry = round_entry(round_number, len(selected), samples, losses, model, train_seconds)
+        entry = round_entry(round_number, arrived, samples, losses, model, train_seconds)
+        if dropped:  # as the in-process runner: the sampled clients whose updates did not arrive
+            entry["dropped"] = sorted(u for d in dropped for u in groups.get(d["partition"], []))
         seconds = train_seconds
         if round_number % config.eval_every == 0 or round_number == config.num_rounds:
             tick = time.time()
@@ -195,8 +332,10 @@ def run_server(grid: Grid, run_config: dict) -> dict:
     requests = final_requests()
     results = evaluate_all(model.group_state(config.transmitted_groups), best_prototypes, requests, "final")
     final = {f"{split}_{protocol}": result for (split, protocol, _), result in zip(requests, results)}
+    lost = [{"partition": p, "node": nodes[p], "reason": why} for p, why in sorted(federation.lost.items())]
     history = record.finish(final, f"stage {config.stage} ({config.preset}, Flower)",
-                            {"flower": {"nodes": num_partitions, "client_data": client_data, "waves": waves}})
+                            {"flower": {"nodes": num_partitions, "client_data": client_data, "waves": waves,
+                                        "secure_aggregation": secure_on, "lost": lost}})
     for key in ("test_sampled", "test_full"):
         _say(f"best round {history['best_round']} " + format_metrics(final[key]))
     return history
