@@ -35,7 +35,6 @@ class TrainConfig:
     server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam
     server_learning_rate: float = 1.0
     server_momentum: float = 0.9
-    min_clients: int = 1  # a round stops with an error when fewer sampled clients' updates arrived (dropouts)
     trainable_groups: list[str] = field(default_factory=lambda: ["item_embedding", "backbone"])
     eval_every: int = 1
     eval_protocol: str = "sampled"  # validation protocol used to pick the best round
