@@ -225,8 +225,11 @@ def read_json(path: Path) -> dict | None:
 
 
 def differing(a: dict | None, b: dict | None) -> list[str]:
-    a, b = a or {}, b or {}
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    """Config keys whose values differ; a key one side lacks counts as its default (a key added later)."""
+    from feddmmr.config import TrainConfig
+
+    a, b, default = a or {}, b or {}, TrainConfig().to_dict()
+    return sorted(k for k in set(a) | set(b) if a.get(k, default.get(k)) != b.get(k, default.get(k)))
 
 
 # --------------------------------------------------------------------------- one run
