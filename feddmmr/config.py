@@ -35,6 +35,14 @@ class TrainConfig:
     server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam
     server_learning_rate: float = 1.0
     server_momentum: float = 0.9
+    # update screening and aggregation (federation/server.py; README "Robust aggregation")
+    aggregation: str = "fedavg"  # fedavg | fedprox (needs fedprox_mu > 0) | trimmed_mean | median
+    trim_fraction: float = 0.1  # trimmed_mean: share dropped at each end of every coordinate, [0, 0.5)
+    clip_norm: float = 0.0  # > 0: clip each client's update delta to this L2 norm; 0 = off
+    # fault injection, for benchmarks and tests only (federation/faults.py); "none" in real runs
+    attack: str = "none"  # none | scale | sign_flip | nan
+    attack_fraction: float = 0.1  # share of each round's sampled clients that attack, [0, 1]
+    attack_scale: float = 10.0  # scale: delta x attack_scale; sign_flip: delta x -attack_scale
     trainable_groups: list[str] = field(default_factory=lambda: ["item_embedding", "backbone"])
     eval_every: int = 1
     eval_protocol: str = "sampled"  # validation protocol used to pick the best round
@@ -90,9 +98,37 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate(self) -> "TrainConfig":
+        """Raise a :class:`ConfigError` naming the key of an out-of-range value; returns self."""
+        _check_robustness(self)
+        return self
+
 
 class ConfigError(ValueError):
     pass
+
+
+AGGREGATIONS = ("fedavg", "fedprox", "trimmed_mean", "median")
+ATTACKS = ("none", "scale", "sign_flip", "nan")
+
+
+def _check_robustness(config: TrainConfig) -> None:
+    """The aggregation, clipping and fault-injection keys."""
+    if config.aggregation not in AGGREGATIONS:
+        raise ConfigError(f"config key 'aggregation': {config.aggregation!r} is not one of {AGGREGATIONS}")
+    if config.aggregation == "fedprox" and not config.fedprox_mu > 0:
+        raise ConfigError(f"config key 'fedprox_mu': aggregation='fedprox' needs fedprox_mu > 0 (the proximal "
+                          f"weight, e.g. 0.01), got {config.fedprox_mu}")
+    if not 0 <= config.trim_fraction < 0.5:
+        raise ConfigError(f"config key 'trim_fraction': must be in [0, 0.5), got {config.trim_fraction}")
+    if not 0 <= config.clip_norm < float("inf"):
+        raise ConfigError(f"config key 'clip_norm': must be a finite number >= 0 (0 = off), got {config.clip_norm}")
+    if config.attack not in ATTACKS:
+        raise ConfigError(f"config key 'attack': {config.attack!r} is not one of {ATTACKS}")
+    if not 0 <= config.attack_fraction <= 1:
+        raise ConfigError(f"config key 'attack_fraction': must be in [0, 1], got {config.attack_fraction}")
+    if not abs(config.attack_scale) < float("inf"):
+        raise ConfigError(f"config key 'attack_scale': must be finite, got {config.attack_scale}")
 
 
 def _coerce(name: str, value, current):
@@ -126,7 +162,7 @@ def apply_overrides(config: TrainConfig, values: dict, source: str) -> TrainConf
         if key not in known:
             raise ConfigError(f"{source}: unknown config key {key!r}")
         setattr(config, key, _coerce(key, value, getattr(config, key)))
-    return config
+    return config.validate()
 
 
 def load_preset(name_or_path: str | Path) -> TrainConfig:

@@ -1,7 +1,8 @@
 """The in-process federation: every client trained in turn by one reusable trainer.
 
 This is the research loop (and the reference the Flower app must match). Per round:
-sample clients -> local updates -> aggregate -> (prototypes) -> validate -> keep the best.
+sample clients -> local updates -> (injected attacks, benchmarks only) -> reject invalid updates
+-> (clip) -> aggregate -> (prototypes) -> validate -> keep the best.
 After the last round the best model is scored once on the test split, both protocols.
 """
 
@@ -23,7 +24,9 @@ from .evaluation import PROTOCOLS, ScoreFn, evaluate, format_metrics
 from .federation import checkpoint as ckpt
 from .federation.client import ClientData, ItemContent, LocalTrainer, build_clients
 from .federation.memory import ItemSpace, MemoryConfig
-from .federation.server import Aggregator, ServerOptimizer, aggregate_prototypes, sample_clients
+from .federation.faults import inject_attacks
+from .federation.server import (ServerOptimizer, aggregate_prototypes, check_update, clip_update, make_aggregator,
+                                sample_clients)
 from .models import PARAM_GROUPS, CheckpointError, UR4RecV2MoE
 
 log = logging.getLogger(__name__)
@@ -126,6 +129,7 @@ def client_seed(seed: int, round_number: int, user: int) -> int:
 def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, features_dir: Path | None = None,
                   init_dir: Path | None = None, resume: bool = False, progress: bool = True,
                   data_info: dict | None = None) -> dict:
+    config.validate()
     out_dir = Path(out_dir)
     resume_state = out_dir / ckpt.RESUME_DIR / "state.json"
     if resume_state.exists() and not resume:
@@ -173,16 +177,30 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
     for round_number in rounds:
         tick = time.time()
         selected = sample_clients(data.num_users, config.client_fraction, config.seed, round_number)
-        aggregator = Aggregator(global_state, config.item_embedding_aggregation)
-        received, sums = [], {}
+        aggregator = make_aggregator(global_state, config.aggregation, config.item_embedding_aggregation,
+                                     config.trim_fraction)
+        received, sums, rejected, clipped = [], {}, [], 0
         updates = trainer.train_many([clients[int(u)] for u in selected], global_state,
                                      [client_seed(config.seed, round_number, int(u)) for u in selected], prototypes)
-        for update in updates:
-            aggregator.add(update.state, update.num_samples)
+        updates, attackers = inject_attacks(updates, selected, global_state, config, round_number)
+        for user, update in zip(selected, updates):
+            reason = check_update(global_state, update.state, update.num_samples)
+            if reason is not None:  # never aggregated
+                rejected.append({"user": int(user), "reason": reason})
+                log.warning("round %d: rejected the update of user %d: %s", round_number, int(user), reason)
+                continue
+            state = update.state
+            if config.clip_norm > 0:
+                state, norm = clip_update(global_state, state, config.clip_norm)
+                clipped += norm > config.clip_norm
+            aggregator.add(state, update.num_samples)
             if update.prototypes is not None:
                 received.append(update.prototypes)
             for key, value in update.metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
+        accepted = len(selected) - len(rejected)
+        if accepted == 0:
+            raise RuntimeError(f"round {round_number}: every client update was rejected ({rejected[0]['reason']}, ...)")
         global_state = server_optimizer.step(global_state, aggregator.result())
         trainer.load_global(global_state)
         with torch.no_grad():
@@ -195,8 +213,12 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
         train_seconds = time.time() - tick
         entry = {"round": round_number, "clients": int(len(selected)),
                  "samples": int(sum(clients[int(u)].num_samples for u in selected)),
-                 "losses": {k: v / len(selected) for k, v in sums.items()},
+                 "losses": {k: v / accepted for k, v in sums.items()}, "rejected": rejected,
                  "gate": float(model.gating_weight.detach()), "train_seconds": round(train_seconds, 3)}
+        if config.clip_norm > 0:
+            entry["clipped"] = int(clipped)
+        if attackers:
+            entry["attackers"] = attackers  # injected faults (benchmarks/tests only)
         if round_number % config.eval_every == 0 or round_number == config.num_rounds:
             tick = time.time()
             model.eval()
@@ -216,7 +238,7 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
         history["rounds"].append(entry)
         summary = (f"round {round_number}/{config.num_rounds}: {len(selected)} clients, "
                    f"loss {entry['losses'].get('next_item', float('nan')):.4f}, gate {entry['gate']:.4f}, "
-                   f"{train_seconds:.1f}s train")
+                   f"{train_seconds:.1f}s train" + (f", {len(rejected)} update(s) rejected" if rejected else ""))
         if "val_metrics" in entry:
             summary += " | val " + format_metrics(entry["val_metrics"])
         if bar is not None:
