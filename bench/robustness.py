@@ -182,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("machine %s; data %s", json.dumps(info), json.dumps(data_info))
     started = time.time()
     records = {}
-    for aggregation in args.aggregators:
-        for attack in args.attacks:
+    for attack in args.attacks:  # clean runs first: every row's reference exists early
+        for aggregation in args.aggregators:
             records[(aggregation, attack)] = run_one(aggregation, attack, args, data, data_info)
+    records = {(g, a): records[(g, a)] for g in args.aggregators for a in args.attacks}
     text = table(records, args, info, data_info)
     (args.out / "robustness.md").write_text(text)
     ckpt.write_json(args.out / "robustness.json", {"machine": info, "data": data_info, "args": {
