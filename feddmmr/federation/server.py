@@ -207,13 +207,14 @@ class RobustAggregator:
         if reference.numel() == 0:
             return reference.clone()
         rows = reference.shape[0] if reference.dim() else 1
-        glob = reference.double().reshape(rows, -1)
+        glob = reference.reshape(rows, -1)
         count = len(self.states)
         step = max(1, self.CHUNK_ELEMENTS // (count * glob.shape[1]))
         by_rows = key == ITEM_EMBEDDING_KEY and self.mode == "updated_rows"
         out = []
         for lo in range(0, rows, step):
-            values = torch.stack([s[key].reshape(rows, -1)[lo:lo + step] for s in self.states]).double()
+            # sorted in the states' own dtype (exact), summed in float64
+            values = torch.stack([s[key].reshape(rows, -1)[lo:lo + step] for s in self.states]).to(glob.dtype)
             base = glob[lo:lo + step]
             if by_rows:
                 changed = (values != base).any(-1)  # [clients, rows]
@@ -221,7 +222,7 @@ class RobustAggregator:
                 n = changed.sum(0)[:, None]
             else:
                 n = torch.full((1, 1), count)
-            out.append(torch.where(n > 0, self._middle(values.sort(dim=0).values, n), base))
+            out.append(torch.where(n > 0, self._middle(values.sort(dim=0).values, n), base.double()))
         return torch.cat(out).reshape(reference.shape).to(reference.dtype)
 
     def _middle(self, ordered: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -233,7 +234,7 @@ class RobustAggregator:
             lo, hi = drop, n - drop
         ranks = torch.arange(ordered.shape[0]).view(-1, *[1] * (ordered.dim() - 1))
         keep = (ranks >= lo) & (ranks < hi)
-        return torch.where(keep, ordered, 0.0).sum(0) / keep.sum(0).clamp_min(1)
+        return torch.where(keep, ordered.double(), 0.0).sum(0) / keep.sum(0).clamp_min(1)
 
 
 def make_aggregator(global_state: dict[str, torch.Tensor], aggregation: str = "fedavg",
