@@ -213,8 +213,10 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
         train_seconds = time.time() - tick
         entry = {"round": round_number, "clients": int(len(selected)),
                  "samples": int(sum(clients[int(u)].num_samples for u in selected)),
-                 "losses": {k: v / accepted for k, v in sums.items()}, "rejected": rejected,
+                 "losses": {k: v / accepted for k, v in sums.items()},
                  "gate": float(model.gating_weight.detach()), "train_seconds": round(train_seconds, 3)}
+        if rejected:
+            entry["rejected"] = rejected
         if config.clip_norm > 0:
             entry["clipped"] = int(clipped)
         if attackers:

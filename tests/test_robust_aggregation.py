@@ -221,7 +221,7 @@ def test_nan_attackers_are_rejected_logged_and_the_federation_stays_finite(tmp_p
 def test_clipping_in_a_federation_is_counted_per_round(tmp_path):
     data = tiny_dataset(tmp_path)
     history = run_federated(tiny_config(1, num_rounds=1, clip_norm=1e-3), data, tmp_path / "clip", progress=False)
-    assert history["rounds"][0]["clipped"] == 6 and history["rounds"][0]["rejected"] == []
+    assert history["rounds"][0]["clipped"] == 6 and "rejected" not in history["rounds"][0]  # only when any
 
 
 @pytest.mark.parametrize("attack", ["sign_flip", "scale"])
