@@ -3,17 +3,18 @@
     .venv/bin/python bench/robustness.py --data ../shared/data/ml-1m [--quick] [--threads 1]
         [--rounds 10] [--top-users 1000] [--seed 0] [--preset stage1_tuned] [--attack-fraction 0.1]
         [--attack-scale 10] [--trim-fraction 0.1] [--aggregators fedavg trimmed_mean median]
-        [--attacks none scale sign_flip nan] [--out bench/results/robustness] [--set key=value ...] [--force]
+        [--attacks none scale sign_flip nan scale:100] [--out bench/results/robustness] [--set key=value ...] [--force]
 
 Every (aggregator, attack) pair is one Stage 1 federated run (the preset, ``--rounds`` rounds, one
 seed). ``attack=none`` is the clean run of that aggregator. Attacks are injected in-process
 (``feddmmr/federation/faults.py``): each round a seeded ``--attack-fraction`` of the sampled
 clients send ``scale`` (delta x ``--attack-scale``), ``sign_flip`` (delta x -``--attack-scale``) or
-``nan`` (all NaN; update validation rejects these, with every aggregator). Reported: test split,
+``nan`` (all NaN; update validation rejects these, with every aggregator); ``KIND:S`` uses the
+factor ``S`` instead of ``--attack-scale`` (e.g. ``scale:100``). Reported: test split,
 sampled protocol (1 + 100), at the best validation round; relative HR@10 loss vs the clean run of
 the same aggregator and vs clean FedAvg (negative = better than clean).
 
-Writes ``<out>/<aggregation>_<attack>.json`` per run (skipped when present with the same config,
+Writes ``<out>/<aggregation>_<attack>[_x<S>].json`` per run (skipped when present with the same config,
 unless ``--force``), ``<out>/robustness.json`` (all runs + machine) and ``<out>/robustness.md``
 (the table, also printed). ``--quick``: a smoke test, top 100 users, 2 rounds, output in
 ``bench/results/robustness_quick``; its numbers are not results.
@@ -55,8 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attack-scale", type=float, default=10.0)
     p.add_argument("--trim-fraction", type=float, default=0.1)
     p.add_argument("--aggregators", nargs="+", choices=AGGREGATORS, default=list(AGGREGATORS))
-    p.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS),
-                   help="'none' (the clean runs) is always added")
+    p.add_argument("--attacks", nargs="+", default=list(ATTACKS), metavar="KIND[:SCALE]",
+                   help=f"of {ATTACKS}, optionally with its own factor (scale:100); 'none' (the clean runs) "
+                        "is always added")
     p.add_argument("--out", type=Path, default=None,
                    help="default bench/results/robustness (--quick: bench/results/robustness_quick)")
     p.add_argument("--set", action="append", nargs="+", default=[], metavar="KEY=VALUE",
@@ -69,19 +71,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.top_users = args.top_users or (QUICK_USERS if args.quick else 1000)
     args.rounds = args.rounds or (QUICK_ROUNDS if args.quick else 10)
     args.out = args.out or REPO / "bench" / "results" / ("robustness_quick" if args.quick else "robustness")
+    for spec in args.attacks:
+        parse_attack(spec, p)
     if "none" not in args.attacks:
         args.attacks = ["none", *args.attacks]
     return args
 
 
-def run_config(aggregation: str, attack: str, args: argparse.Namespace):
+def parse_attack(spec: str, parser: argparse.ArgumentParser | None = None) -> tuple[str, float | None]:
+    """``"scale:100"`` -> ("scale", 100.0); ``"nan"`` -> ("nan", None) (None: ``--attack-scale``)."""
+    kind, _, factor = spec.partition(":")
+    try:
+        if kind not in ATTACKS or (factor and kind in ("none", "nan")):
+            raise ValueError
+        return kind, float(factor) if factor else None
+    except ValueError:
+        message = f"--attacks: {spec!r} is not KIND or KIND:SCALE with KIND in {ATTACKS} (SCALE for scale/sign_flip)"
+        if parser is None:
+            raise ValueError(message) from None
+        parser.error(message)
+
+
+def attack_label(spec: str, args: argparse.Namespace) -> str:
+    kind, factor = parse_attack(spec)
+    factor = args.attack_scale if factor is None else factor
+    return {"scale": f"scale (x{factor:g})", "sign_flip": f"sign_flip (x{-factor:g})"}.get(kind, kind)
+
+
+def run_name(aggregation: str, spec: str) -> str:
+    kind, factor = parse_attack(spec)
+    return f"{aggregation}_{kind}" + ("" if factor is None else f"_x{factor:g}")
+
+
+def run_config(aggregation: str, spec: str, args: argparse.Namespace):
     from feddmmr.config import apply_overrides, load_preset, parse_sets
 
+    attack, factor = parse_attack(spec)
     config = load_preset(args.preset)
     apply_overrides(config, parse_sets(args.set), "--set")
     apply_overrides(config, {"num_rounds": args.rounds, "seed": args.seed, "aggregation": aggregation,
                              "trim_fraction": args.trim_fraction, "attack": attack,
-                             "attack_fraction": args.attack_fraction, "attack_scale": args.attack_scale}, "bench")
+                             "attack_fraction": args.attack_fraction,
+                             "attack_scale": args.attack_scale if factor is None else factor}, "bench")
     config.top_users = args.top_users
     return config
 
@@ -91,7 +122,7 @@ def run_one(aggregation: str, attack: str, args: argparse.Namespace, data, data_
     from feddmmr.federation import checkpoint as ckpt
     from feddmmr.runner import run_federated
 
-    name = f"{aggregation}_{attack}"
+    name = run_name(aggregation, attack)
     path, directory = args.out / f"{name}.json", args.out / "runs" / name
     config = run_config(aggregation, attack, args)
     existing = read_json(path)
@@ -141,8 +172,8 @@ def table(records: dict[tuple[str, str], dict], args: argparse.Namespace, info: 
         f"**num_rounds={args.rounds}** (instead of the preset's rounds, to fit the machine), seed {args.seed}. "
         "**Test split**, **sampled protocol** (target vs 100 negatives), model at the best validation round "
         "(validation NDCG@10, sampled).",
-        f"Attackers: each round a seeded {args.attack_fraction:.0%} of the sampled clients; `scale` = delta x "
-        f"{args.attack_scale:g}, `sign_flip` = delta x {-args.attack_scale:g}, `nan` = all-NaN update (rejected "
+        f"Attackers: each round a seeded {args.attack_fraction:.0%} of the sampled clients; `scale (xS)` = "
+        "update delta x S, `sign_flip (x-S)` = delta x -S, `nan` = all-NaN update (rejected "
         f"by validation). `trimmed_mean` drops {args.trim_fraction:g} at each end per coordinate."
         + (" **--quick smoke test: not results.**" if args.quick else "")
         + (f" `--set {' '.join(args.set)}`." if args.set else ""),
@@ -159,7 +190,7 @@ def table(records: dict[tuple[str, str], dict], args: argparse.Namespace, info: 
         own = "-" if attack == "none" or clean is None else f"{relative_loss(test['HR@10'], clean):+.1%}"
         versus = "-" if clean_fedavg is None or (aggregation, attack) == ("fedavg", "none") \
             else f"{relative_loss(test['HR@10'], clean_fedavg):+.1%}"
-        lines.append(f"| {aggregation} | {attack} | {test['HR@10']:.4f} | {test['NDCG@10']:.4f} | {own} | {versus} "
+        lines.append(f"| {aggregation} | {attack_label(attack, args)} | {test['HR@10']:.4f} | {test['NDCG@10']:.4f} | {own} | {versus} "
                      f"| {r['rejected']}/{r['clients']} | {r['best_round']} |")
     return "\n".join(lines) + "\n"
 
