@@ -35,6 +35,14 @@ class TrainConfig:
     server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam
     server_learning_rate: float = 1.0
     server_momentum: float = 0.9
+    # update screening and aggregation (federation/server.py; README "Robust aggregation")
+    aggregation: str = "fedavg"  # fedavg | fedprox (needs fedprox_mu > 0) | trimmed_mean | median
+    trim_fraction: float = 0.1  # trimmed_mean: share dropped at each end of every coordinate, [0, 0.5)
+    clip_norm: float = 0.0  # > 0: clip each client's update delta to this L2 norm; 0 = off
+    # fault injection, for benchmarks and tests only (federation/faults.py); "none" in real runs
+    attack: str = "none"  # none | scale | sign_flip | nan
+    attack_fraction: float = 0.1  # share of each round's sampled clients that attack, [0, 1]
+    attack_scale: float = 10.0  # scale: delta x attack_scale; sign_flip: delta x -attack_scale
     trainable_groups: list[str] = field(default_factory=lambda: ["item_embedding", "backbone"])
     eval_every: int = 1
     eval_protocol: str = "sampled"  # validation protocol used to pick the best round
@@ -142,12 +150,18 @@ RANGES: dict[str, Range] = {
     "duplicate_threshold": Range(-1, 1), "recency_half_life": STRICTLY_POSITIVE, "recency_weight": FRACTION,
     "st_fraction": FRACTION, "num_prototypes": POSITIVE, "num_global_prototypes": POSITIVE,
     "client_dropout": Range(0, 1, open_high=True), "min_clients": POSITIVE,
+    "trim_fraction": Range(0, 0.5, open_high=True), "clip_norm": NON_NEGATIVE, "attack_fraction": FRACTION,
+    "attack_scale": Range(),
 }
+AGGREGATIONS = ("fedavg", "fedprox", "trimmed_mean", "median")
+ATTACKS = ("none", "scale", "sign_flip", "nan")  # fault injection for benchmarks and tests
 CHOICES: dict[str, tuple[str, ...]] = {
     "local_optimizer": ("adam", "sgd"),
     "item_embedding_aggregation": ("updated_rows", "fedavg"),
     "server_optimizer": ("fedavg", "fedavgm", "fedadam"),
     "eval_protocol": ("sampled", "full"),
+    "aggregation": AGGREGATIONS,
+    "attack": ATTACKS,
 }
 
 
@@ -217,6 +231,9 @@ def validate_config(config: TrainConfig, source: str = "config") -> TrainConfig:
     if unknown or not config.trainable_groups:
         raise ConfigError(f"{source}: config key 'trainable_groups' = {config.trainable_groups!r}: expected a "
                           f"non-empty list of parameter groups from {PARAM_GROUPS}")
+    if config.aggregation == "fedprox" and not config.fedprox_mu > 0:
+        raise ConfigError(f"{source}: config key 'fedprox_mu': aggregation='fedprox' needs fedprox_mu > 0 (the "
+                          f"proximal weight, e.g. 0.01), got {config.fedprox_mu}")
     for heads in ("sasrec_num_heads", "moe_num_heads"):
         if config.sasrec_hidden_dim % getattr(config, heads):
             raise ConfigError(f"{source}: config key 'sasrec_hidden_dim' = {config.sasrec_hidden_dim} is not "

@@ -1,7 +1,8 @@
 """The in-process federation: every client trained in turn by one reusable trainer.
 
 This is the research loop (and the reference the Flower app must match). Per round:
-sample clients -> local updates -> aggregate -> (prototypes) -> validate -> keep the best.
+sample clients -> local updates -> (injected attacks, benchmarks only) -> reject invalid updates
+-> (clip) -> aggregate -> (prototypes) -> validate -> keep the best.
 After the last round the best model is scored once on the test split, both protocols.
 """
 
@@ -23,7 +24,9 @@ from .federation import checkpoint as ckpt
 from .federation.client import (ClientData, ClientFailure, ClientUpdate, ItemContent, LocalTrainer, build_clients,
                                pack_clients, unpack_clients)
 from .federation.memory import ItemSpace, MemoryConfig
-from .federation.server import (Aggregator, ServerOptimizer, TooFewClients, aggregate_prototypes, dropped_clients,
+from .federation.faults import inject_attacks
+from .federation.server import (ServerOptimizer, TooFewClients, aggregate_prototypes, check_update, clip_update,
+                                dropped_clients, make_aggregator,
                                 sample_clients)
 from .models import PARAM_GROUPS, CheckpointError, UR4RecV2MoE
 
@@ -130,8 +133,9 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
     """Train ``config.num_rounds`` rounds, writing the run directory (see checkpoint.py).
 
     With ``resume`` the run continues exactly from its resume point: a run killed after any
-    round ends as the uninterrupted one would. A round aggregates the clients that answered;
-    fewer than ``min_clients`` answers stop the run (TooFewClients) with the resume point saved.
+    round ends as the uninterrupted one would. A round aggregates the clients that answered and
+    whose updates pass ``check_update``; fewer than ``min_clients`` answers stop the run
+    (TooFewClients) with the resume point saved.
     """
     validate_config(config)
     out_dir = Path(out_dir)
@@ -201,14 +205,29 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
                 f"round {round_number}: {len(updates)} of {len(selected)} sampled clients answered, fewer than "
                 f"min_clients={config.min_clients}; the run stopped with its state after round {round_number - 1} "
                 f"saved in {out_dir / ckpt.RESUME_DIR}: fix the cause (or lower min_clients) and resume")
-        aggregator = Aggregator(global_state, config.item_embedding_aggregation)
-        received, sums = [], {}
-        for _, update in updates:
-            aggregator.add(update.state, update.num_samples)
+        users = np.array([u for u, _ in updates], dtype=np.int64)
+        poisoned, attackers = inject_attacks([u for _, u in updates], users, global_state, config, round_number)
+        aggregator = make_aggregator(global_state, config.aggregation, config.item_embedding_aggregation,
+                                     config.trim_fraction)
+        received, sums, rejected, clipped = [], {}, [], 0
+        for user, update in zip(users, poisoned):
+            reason = check_update(global_state, update.state, update.num_samples)
+            if reason is not None:  # never aggregated
+                rejected.append({"user": int(user), "reason": reason})
+                log.warning("round %d: rejected the update of user %d: %s", round_number, int(user), reason)
+                continue
+            state = update.state
+            if config.clip_norm > 0:
+                state, norm = clip_update(global_state, state, config.clip_norm)
+                clipped += norm > config.clip_norm
+            aggregator.add(state, update.num_samples)
             if update.prototypes is not None:
                 received.append(update.prototypes)
             for key, value in update.metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
+        accepted = len(updates) - len(rejected)
+        if accepted == 0:
+            raise RuntimeError(f"round {round_number}: every client update was rejected ({rejected[0]['reason']}, ...)")
         global_state = server_optimizer.step(global_state, aggregator.result())
         trainer.load_global(global_state)
         with torch.no_grad():
@@ -221,11 +240,17 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
         train_seconds = time.time() - tick
         entry = {"round": round_number, "clients": len(updates),
                  "samples": int(sum(clients[u].num_samples for u, _ in updates)),
-                 "losses": {k: v / len(updates) for k, v in sums.items()},
+                 "losses": {k: v / accepted for k, v in sums.items()},
                  "gate": float(model.gating_weight.detach()), "train_seconds": round(train_seconds, 3),
                  "dropped": sorted(dropped)}
         if dropped:
             entry["drop_reasons"] = {str(u): why for u, why in sorted(dropped.items())}
+        if rejected:
+            entry["rejected"] = rejected
+        if config.clip_norm > 0:
+            entry["clipped"] = int(clipped)
+        if attackers:
+            entry["attackers"] = attackers  # injected faults (benchmarks/tests only)
         if round_number % config.eval_every == 0 or round_number == config.num_rounds:
             tick = time.time()
             model.eval()
@@ -248,6 +273,8 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
                    f"{train_seconds:.1f}s train")
         if dropped:
             summary += f", {len(dropped)} dropped"
+        if rejected:
+            summary += f", {len(rejected)} update(s) rejected"
         if "val_metrics" in entry:
             summary += " | val " + format_metrics(entry["val_metrics"])
         if bar is not None:

@@ -1,10 +1,20 @@
-"""The server side: client sampling, aggregation of updates and of memory prototypes."""
+"""The server side: client sampling, update validation and clipping, aggregation of updates
+(FedAvg or a robust coordinate-wise rule) and of memory prototypes.
+
+Per round the server (``runner.run_federated``) takes each client update through
+:func:`check_update` (rejected updates are logged, never aggregated), then :func:`clip_update`
+when ``clip_norm > 0``, then the aggregator of ``aggregation`` (:func:`make_aggregator`), then
+:class:`ServerOptimizer`.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 
+from ..config import AGGREGATIONS
 from .memory import kmeans
 
 ITEM_EMBEDDING_KEY = "sasrec.item_emb.weight"
@@ -31,6 +41,74 @@ def dropped_clients(selected: np.ndarray, fraction: float, seed: int, round_numb
 class TooFewClients(RuntimeError):
     """Fewer clients answered a round than ``min_clients``: the round does not count."""
 
+
+
+# --------------------------------------------------------------------------- screening updates
+
+def check_update(global_state: dict[str, torch.Tensor], state, num_samples=None) -> str | None:
+    """Why a client update must be rejected, or None if it is acceptable.
+
+    The one validity check of the server: the same keys as the global state, each a floating-point
+    tensor of the global shape with only finite values, and (if given) a finite sample count >= 0.
+    A single NaN would otherwise poison every weighted mean it enters.
+    """
+    if not isinstance(state, dict):
+        return f"update is a {type(state).__name__}, not a dict of tensors"
+    missing = sorted(set(global_state) - set(state))
+    if missing:
+        return f"missing key(s) {missing}"
+    extra = sorted(set(state) - set(global_state))
+    if extra:
+        return f"unexpected key(s) {extra}"
+    for key, reference in global_state.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            return f"{key}: a {type(value).__name__}, not a tensor"
+        if not value.is_floating_point():
+            return f"{key}: dtype {value.dtype}, expected a floating-point tensor"
+        if value.shape != reference.shape:
+            return f"{key}: shape {tuple(value.shape)}, expected {tuple(reference.shape)}"
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
+            return f"{key}: {bad} non-finite value(s) (NaN/Inf)"
+    if num_samples is not None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(float(num_samples)) or num_samples < 0:
+            return f"num_samples {num_samples!r}: expected a finite number >= 0"
+    return None
+
+
+def update_norm(global_state: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> float:
+    """L2 norm of the update delta ``state - global_state`` over all of ``state``'s tensors (float64)."""
+    total = 0.0
+    for key, value in state.items():
+        total += float(((value.double() - global_state[key].double()) ** 2).sum())
+    return math.sqrt(total)
+
+
+def clip_update(global_state: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                clip_norm: float) -> tuple[dict[str, torch.Tensor], float]:
+    """``state`` with its delta scaled down to L2 norm <= ``clip_norm``; also the norm before clipping.
+
+    The one clipping function (norm clipping before aggregation, and the clipping step of a
+    differential-privacy mode). The norm is taken jointly over every transmitted tensor; a delta
+    already within the bound is returned unchanged (the same object). Rows the client did not
+    change stay bit-identical, so ``updated_rows`` still sees which item rows it touched.
+    """
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+    norm = update_norm(global_state, state)
+    if norm <= clip_norm:
+        return state, norm
+    scale = clip_norm / norm
+    out = {}
+    for key, value in state.items():
+        reference = global_state[key].double()
+        out[key] = (reference + (value.double() - reference) * scale).to(value.dtype)
+    return out, norm
+
+
+# --------------------------------------------------------------------------- aggregation
 
 class Aggregator:
     """FedAvg weighted by sample count, accumulated one update at a time (no stacking).
@@ -94,10 +172,108 @@ class Aggregator:
         return out
 
 
+class RobustAggregator:
+    """Coordinate-wise ``median`` or ``trimmed_mean`` of the clients' states (Yin et al., ICML 2018).
+
+    Unlike FedAvg these cannot be streamed as sums: the states are kept (float32, one per client;
+    100 clients x the model is a few hundred MB at 1,000 ML-1M users) and reduced key by key in
+    chunks of rows. Each client counts once, whatever its sample count: the count is self-reported,
+    so weighting by it would let one client buy influence. ``trimmed_mean`` drops
+    ``floor(trim_fraction * n)`` values at each end of every coordinate (``n`` = contributing clients;
+    with fewer than ``1 / trim_fraction`` of them nothing is dropped and it is the plain mean);
+    ``median`` is the middle value (mean of the two middle values for even ``n``).
+
+    With ``updated_rows`` an item-embedding row is reduced over the clients that changed it only
+    (``n`` per row), as in :class:`Aggregator`; rows no client changed keep their global value.
+    """
+
+    CHUNK_ELEMENTS = 1 << 22  # values reduced at once (x clients), bounds the float64 working memory
+
+    def __init__(self, global_state: dict[str, torch.Tensor], kind: str,
+                 item_embedding_aggregation: str = "updated_rows", trim_fraction: float = 0.1):
+        if kind not in ("trimmed_mean", "median"):
+            raise ValueError(f"RobustAggregator: unknown kind {kind!r}; choose trimmed_mean or median")
+        if item_embedding_aggregation not in ("updated_rows", "fedavg"):
+            raise ValueError(f"unknown item_embedding_aggregation {item_embedding_aggregation!r}")
+        if not 0 <= trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+        self.global_state, self.kind, self.mode, self.trim = global_state, kind, item_embedding_aggregation, trim_fraction
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def add(self, state: dict[str, torch.Tensor], num_samples: int) -> None:
+        if float(num_samples) <= 0:
+            return
+        self.states.append({key: value.detach() for key, value in state.items()})
+
+    def partial(self):
+        raise NotImplementedError(f"aggregation={self.kind!r} needs every client's update; it cannot be "
+                                  "pre-aggregated into partial sums")
+
+    merge = partial
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if not self.states:
+            raise ValueError("no client reported a positive sample count")
+        return {key: self._reduce(key) for key in self.states[0]}
+
+    def _reduce(self, key: str) -> torch.Tensor:
+        reference = self.global_state[key]
+        if reference.numel() == 0:
+            return reference.clone()
+        rows = reference.shape[0] if reference.dim() else 1
+        glob = reference.reshape(rows, -1)
+        count = len(self.states)
+        step = max(1, self.CHUNK_ELEMENTS // (count * glob.shape[1]))
+        by_rows = key == ITEM_EMBEDDING_KEY and self.mode == "updated_rows"
+        out = []
+        for lo in range(0, rows, step):
+            # sorted in the states' own dtype (exact), summed in float64
+            values = torch.stack([s[key].reshape(rows, -1)[lo:lo + step] for s in self.states]).to(glob.dtype)
+            base = glob[lo:lo + step]
+            if by_rows:
+                changed = (values != base).any(-1)  # [clients, rows]
+                values = torch.where(changed[..., None], values, torch.inf)  # sorted past the real values
+                n = changed.sum(0)[:, None]
+            else:
+                n = torch.full((1, 1), count)
+            out.append(torch.where(n > 0, self._middle(values.sort(dim=0).values, n), base.double()))
+        return torch.cat(out).reshape(reference.shape).to(reference.dtype)
+
+    def _middle(self, ordered: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """Mean of the sorted values ranked [lo, hi) per coordinate, ``n`` values present (the rest +inf)."""
+        if self.kind == "median":
+            lo, hi = (n - 1) // 2, n // 2 + 1
+        else:
+            drop = torch.floor(n.double() * self.trim + 1e-9).long()
+            lo, hi = drop, n - drop
+        ranks = torch.arange(ordered.shape[0]).view(-1, *[1] * (ordered.dim() - 1))
+        keep = (ranks >= lo) & (ranks < hi)
+        return torch.where(keep, ordered.double(), 0.0).sum(0) / keep.sum(0).clamp_min(1)
+
+
+def make_aggregator(global_state: dict[str, torch.Tensor], aggregation: str = "fedavg",
+                    item_embedding_aggregation: str = "updated_rows",
+                    trim_fraction: float = 0.1) -> Aggregator | RobustAggregator:
+    """The aggregator of a config's ``aggregation``.
+
+    ``fedavg`` and ``fedprox`` share the weighted mean (FedProx differs on the client: the
+    proximal term ``fedprox_mu``); ``trimmed_mean`` and ``median`` are :class:`RobustAggregator`.
+    Every choice yields a model state; the :class:`ServerOptimizer` then treats
+    ``aggregate - global`` as its pseudo-gradient (FedAvgM/FedAdam apply momentum/adaptivity to
+    the robust aggregate just as to the mean).
+    """
+    if aggregation in ("fedavg", "fedprox"):
+        return Aggregator(global_state, item_embedding_aggregation)
+    if aggregation in ("trimmed_mean", "median"):
+        return RobustAggregator(global_state, aggregation, item_embedding_aggregation, trim_fraction)
+    raise ValueError(f"unknown aggregation {aggregation!r}; choose one of {AGGREGATIONS}")
+
+
 def aggregate(global_state: dict[str, torch.Tensor], updates: list[tuple[dict[str, torch.Tensor], int]],
-              item_embedding_aggregation: str = "updated_rows") -> dict[str, torch.Tensor]:
-    """Aggregate a list of (state, num_samples); see :class:`Aggregator`."""
-    aggregator = Aggregator(global_state, item_embedding_aggregation)
+              item_embedding_aggregation: str = "updated_rows", aggregation: str = "fedavg",
+              trim_fraction: float = 0.1) -> dict[str, torch.Tensor]:
+    """Aggregate a list of (state, num_samples); see :func:`make_aggregator`."""
+    aggregator = make_aggregator(global_state, aggregation, item_embedding_aggregation, trim_fraction)
     for state, count in updates:
         aggregator.add(state, count)
     return aggregator.result()
@@ -113,7 +289,10 @@ def aggregate_prototypes(prototypes: list[np.ndarray], count: int, seed: int) ->
 
 
 class ServerOptimizer:
-    """How the server applies the clients' mean update ``delta = mean(w_c) - w``.
+    """How the server applies the clients' aggregate update ``delta = aggregate(w_c) - w``.
+
+    The aggregate is whatever ``aggregation`` produced (the weighted mean, or a trimmed mean /
+    median): the optimizer only sees the pseudo-gradient, so robust rules compose with it.
 
     ``fedavg`` takes the mean as is; ``fedavgm`` adds server momentum and ``fedadam`` an
     adaptive server step (Reddi et al., "Adaptive Federated Optimization", ICLR 2021). With

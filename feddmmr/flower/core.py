@@ -90,6 +90,26 @@ def train_config(run_config: Mapping) -> TrainConfig:
     return apply_overrides(config, overrides, "run config")
 
 
+def check_supported(config: TrainConfig) -> None:
+    """Refuse what the Flower path cannot do yet rather than silently ignore it.
+
+    Nodes send their partition's pre-summed update, so anything that needs each client's own
+    update on the server (median, trimmed mean, clipping, attack injection) runs in-process only.
+    """
+    problems = []
+    if config.aggregation in ("trimmed_mean", "median"):
+        problems.append(f"aggregation={config.aggregation!r} (it needs each client's update; nodes pre-sum them)")
+    if config.clip_norm > 0:
+        problems.append("clip_norm > 0 (clipping acts on each client's update; nodes pre-sum them)")
+    if config.attack != "none":
+        problems.append(f"attack={config.attack!r} (in-process fault injection)")
+    if config.client_dropout > 0:
+        problems.append("client_dropout > 0 (in-process fault injection; on Flower, stop a SuperNode instead)")
+    if problems:
+        raise ConfigError("run config: the Flower app does not support " + "; ".join(problems)
+                          + "; run it in-process with `feddmmr train`")
+
+
 def path_setting(key: str, run_config: Mapping, node_config: Mapping | None = None) -> Path | None:
     """A path key: the node's own value (``--node-config``) wins over the run config's; "" = none."""
     value = (node_config or {}).get(key) or run_config.get(key) or ""

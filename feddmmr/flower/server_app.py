@@ -38,7 +38,7 @@ from ..federation.server import Aggregator, sample_clients
 from ..runner import make_server_optimizer, setup
 from . import messages as msgs
 from . import secure
-from .core import (VALIDATION_BATCH, Catalogue, RunRecord, combine_results, final_requests, group_by_partition,
+from .core import (VALIDATION_BATCH, Catalogue, RunRecord, check_supported, combine_results, final_requests, group_by_partition,
                    load_state, merge_prototypes, path_setting, round_entry, run_config_payload, train_config)
 
 log = logging.getLogger("feddmmr.flower")
@@ -195,6 +195,7 @@ def run_server(grid: Grid, run_config: dict) -> dict:
     clipping = float(run_config.get("secagg_clipping_range", 8.0))
     if secure_on:
         secure.check_compatible(config)
+    check_supported(config)
     out_dir = path_setting("out", run_config) or Path("runs/flower")
     record = RunRecord(out_dir, bool(run_config.get("resume", False)))
 
