@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -70,6 +73,11 @@ class TrainConfig:
     num_prototypes: int = 5
     use_prototypes: bool = True
     num_global_prototypes: int = 10
+    # differential privacy (central, user-level; see federation/privacy.py). Off unless sigma or a target epsilon is set.
+    dp_noise_multiplier: float = 0.0  # sigma: noise std = sigma * dp_clip_norm on the sum of clipped updates
+    dp_target_epsilon: float = 0.0  # > 0: sigma from the RDP accountant to reach this epsilon after num_rounds
+    dp_clip_norm: float = 0.0  # C: L2 bound on each client's update (required in DP mode)
+    dp_delta: float = 1e-4  # the delta of the reported (epsilon, delta); keep it below 1 / number of users
 
     @property
     def transmitted_groups(self) -> list[str]:
@@ -78,6 +86,10 @@ class TrainConfig:
         if self.fix_gate and "gate" in groups:
             groups.remove("gate")
         return groups
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp_noise_multiplier > 0 or self.dp_target_epsilon > 0
 
     def model_kwargs(self, num_items: int, visual_dim: int, text_dim: int) -> dict:
         return dict(num_items=num_items, sasrec_hidden_dim=self.sasrec_hidden_dim,
@@ -127,6 +139,36 @@ def apply_overrides(config: TrainConfig, values: dict, source: str) -> TrainConf
             raise ConfigError(f"{source}: unknown config key {key!r}")
         setattr(config, key, _coerce(key, value, getattr(config, key)))
     return config
+
+
+def check_privacy(config: TrainConfig) -> bool:
+    """Validate the ``dp_*`` keys; in DP mode switch off what would leak past the noise (logged).
+
+    Returns whether DP is on. ``updated_rows`` averaging tells the server which item rows each
+    client changed, and memory prototypes travel un-noised: neither is covered by the guarantee.
+    """
+    for key in ("dp_noise_multiplier", "dp_target_epsilon", "dp_clip_norm"):
+        value = getattr(config, key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or value == float("inf"):
+            raise ConfigError(f"config key {key!r}: must be a finite number >= 0, got {value!r}")
+    if not config.dp_enabled:
+        return False
+    if config.dp_noise_multiplier > 0 and config.dp_target_epsilon > 0:
+        raise ConfigError("config keys 'dp_noise_multiplier' and 'dp_target_epsilon' both set: set one "
+                          "(the target epsilon chooses the noise multiplier)")
+    if not config.dp_clip_norm > 0:
+        raise ConfigError("config key 'dp_clip_norm': DP mode needs a positive clipping norm for client updates "
+                          f"(got {config.dp_clip_norm!r})")
+    if not 0 < config.dp_delta < 1:
+        raise ConfigError(f"config key 'dp_delta': must be in (0, 1), got {config.dp_delta!r}")
+    if config.item_embedding_aggregation != "fedavg":
+        log.warning("DP mode: item_embedding_aggregation %r reveals which item rows each client updated; "
+                    "using plain averaging ('fedavg')", config.item_embedding_aggregation)
+        config.item_embedding_aggregation = "fedavg"
+    if config.use_memory and config.use_prototypes:
+        log.warning("DP mode: memory prototypes would be uploaded without noise; use_prototypes set to false")
+        config.use_prototypes = False
+    return True
 
 
 def load_preset(name_or_path: str | Path) -> TrainConfig:

@@ -23,6 +23,7 @@ from .evaluation import PROTOCOLS, ScoreFn, evaluate, format_metrics
 from .federation import checkpoint as ckpt
 from .federation.client import ClientData, ItemContent, LocalTrainer, build_clients
 from .federation.memory import ItemSpace, MemoryConfig
+from .federation.privacy import DifferentialPrivacy
 from .federation.server import Aggregator, ServerOptimizer, aggregate_prototypes, sample_clients
 from .models import PARAM_GROUPS, CheckpointError, UR4RecV2MoE
 
@@ -131,6 +132,7 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
     if resume_state.exists() and not resume:
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
+    dp = DifferentialPrivacy.from_config(config, data.num_users)  # None unless DP mode (may adjust config)
     fed = setup(config, data, features_dir, init_dir)
     model = fed.model
     memory_config = MemoryConfig.from_train_config(config) if config.use_memory else None
@@ -146,6 +148,7 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
         "trained_groups": fed.trained_groups, "init": fed.init_dir, "features": fed.feature_meta,
         "data": data_info or data.stats(), "select_metric": SELECT_METRIC,
         "versions": {"torch": torch.__version__},
+        "privacy": dp.spent(config.num_rounds) if dp else None,
     }
     ckpt.write_json(out_dir / ckpt.CONFIG_FILE, run_config)
 
@@ -172,8 +175,11 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
         bar = tqdm(total=config.num_rounds, initial=start_round - 1, desc=f"stage {config.stage}", unit="round")
     for round_number in rounds:
         tick = time.time()
-        selected = sample_clients(data.num_users, config.client_fraction, config.seed, round_number)
-        aggregator = Aggregator(global_state, config.item_embedding_aggregation)
+        if dp:  # DP mode: Poisson sampling, clipped deltas + Gaussian noise over a fixed denominator
+            selected, aggregator = dp.sample(round_number), dp.aggregator(global_state, round_number)
+        else:
+            selected = sample_clients(data.num_users, config.client_fraction, config.seed, round_number)
+            aggregator = Aggregator(global_state, config.item_embedding_aggregation)
         received, sums = [], {}
         updates = trainer.train_many([clients[int(u)] for u in selected], global_state,
                                      [client_seed(config.seed, round_number, int(u)) for u in selected], prototypes)
@@ -195,8 +201,10 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
         train_seconds = time.time() - tick
         entry = {"round": round_number, "clients": int(len(selected)),
                  "samples": int(sum(clients[int(u)].num_samples for u in selected)),
-                 "losses": {k: v / len(selected) for k, v in sums.items()},
+                 "losses": {k: v / max(len(selected), 1) for k, v in sums.items()},
                  "gate": float(model.gating_weight.detach()), "train_seconds": round(train_seconds, 3)}
+        if dp:
+            entry["privacy"] = {**dp.spent(round_number), **aggregator.stats()}
         if round_number % config.eval_every == 0 or round_number == config.num_rounds:
             tick = time.time()
             model.eval()
@@ -219,6 +227,8 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
                    f"{train_seconds:.1f}s train")
         if "val_metrics" in entry:
             summary += " | val " + format_metrics(entry["val_metrics"])
+        if dp:
+            summary += f" | eps {entry['privacy']['epsilon']:.3g}"
         if bar is not None:
             bar.update(1)
             bar.write(summary)
@@ -242,6 +252,9 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
         best_prototypes = torch.from_numpy(np.load(out_dir / "global_prototypes.npy", allow_pickle=False))
     final = final_scores(model, fed.content, clients, data, config, best_prototypes, out_dir / "cache")
     history["final"] = final
+    if dp:
+        history["privacy"] = dp.spent(config.num_rounds)
+        print(dp.describe(config.num_rounds))
     history["total_seconds"] = round(sum(r["seconds"] for r in history["rounds"]), 2)
     ckpt.write_json(out_dir / ckpt.HISTORY_FILE, history)
     save_memory_state(out_dir / ckpt.MEMORY_FILE, clients)

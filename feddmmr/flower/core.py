@@ -85,7 +85,11 @@ def train_config(run_config: Mapping) -> TrainConfig:
         raise ConfigError(f"run config: preset {config.preset!r} is for stage {config.stage}, not stage {stage}")
     overrides = {key: run_config[key] for key in TRAIN_KEYS
                  if key not in ("preset", "stage") and run_config.get(key, "") != ""}
-    return apply_overrides(config, overrides, "run config")
+    config = apply_overrides(config, overrides, "run config")
+    if config.dp_enabled:
+        raise ConfigError("run config: differential privacy (dp_noise_multiplier / dp_target_epsilon) is only "
+                          "supported by the in-process runner (`feddmmr train --set dp_...`); unset it for Flower")
+    return config
 
 
 def path_setting(key: str, run_config: Mapping, node_config: Mapping | None = None) -> Path | None:
