@@ -30,6 +30,8 @@ import torch
 log = logging.getLogger(__name__)
 
 NOISE_STREAM = 0x6450  # separates the noise generator from other (seed, round) streams
+# Opacus' RDP orders plus larger ones: small sigma / large epsilon (e.g. 8) is tightest at orders above 63
+ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 160, 192, 256]
 
 
 def update_norm(delta: dict[str, torch.Tensor]) -> float:
@@ -67,7 +69,7 @@ def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: flo
         return 0.0
     accountant = RDPAccountant()
     accountant.history = [(float(noise_multiplier), float(sample_rate), int(rounds))]
-    return float(accountant.get_epsilon(delta=float(delta)))
+    return float(accountant.get_epsilon(delta=float(delta), alphas=ALPHAS))
 
 
 def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
@@ -75,7 +77,8 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
     from opacus.accountants.utils import get_noise_multiplier
 
     return float(get_noise_multiplier(target_epsilon=float(target_epsilon), target_delta=float(delta),
-                                      sample_rate=float(sample_rate), steps=int(rounds), accountant="rdp"))
+                                      sample_rate=float(sample_rate), steps=int(rounds), accountant="rdp",
+                                      alphas=ALPHAS))
 
 
 class DPAggregator:
