@@ -26,6 +26,7 @@ from .federation.memory import ItemSpace, MemoryConfig
 from .federation.privacy import DifferentialPrivacy
 from .federation.server import Aggregator, ServerOptimizer, aggregate_prototypes, sample_clients
 from .models import PARAM_GROUPS, CheckpointError, UR4RecV2MoE
+from .safeio import load_npy, load_npz
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
     model.eval()
     best_prototypes = None
     if (out_dir / "global_prototypes.npy").exists():
-        best_prototypes = torch.from_numpy(np.load(out_dir / "global_prototypes.npy", allow_pickle=False))
+        best_prototypes = torch.from_numpy(load_npy(out_dir / "global_prototypes.npy", kind="f", ndim=2))
     final = final_scores(model, fed.content, clients, data, config, best_prototypes, out_dir / "cache")
     history["final"] = final
     if dp:
@@ -298,6 +299,22 @@ def save_memory_state(path: Path, clients: dict[int, ClientData]) -> None:
         arrays[key + "_offsets"] = np.concatenate([[0], np.cumsum([len(v) for v in values])])
     arrays.update({key: np.asarray(values) for key, values in scalars.items()})
     np.savez_compressed(path, **arrays)
+
+
+def load_memory_state(path: Path) -> dict[int, dict[str, np.ndarray]]:
+    """:func:`save_memory_state`'s file back as user -> ``LocalMemory.state_dict()`` (never unpickled)."""
+    keys = ("lt_items", "lt_freq", "lt_last", "recent")
+    arrays = load_npz(path, required=("users", "step", "threshold", "writes")
+                      + keys + tuple(k + "_offsets" for k in keys))
+    out = {}
+    for row, user in enumerate(arrays["users"].tolist()):
+        state = {}
+        for key in keys:
+            offsets = arrays[key + "_offsets"]
+            state[key] = arrays[key][offsets[row]:offsets[row + 1]]
+        state.update({key: arrays[key][row:row + 1] for key in ("step", "threshold", "writes")})
+        out[int(user)] = state
+    return out
 
 
 def plot_history(history: dict, path: Path, title: str) -> None:
@@ -358,5 +375,5 @@ def restore(run_dir: Path, data: SequenceDataset, features_dir: Path | None = No
     clients = build_clients(data, config.max_seq_len, memory_config, space, seed=config.seed)
     prototypes = None
     if (run_dir / "global_prototypes.npy").exists():
-        prototypes = torch.from_numpy(np.load(run_dir / "global_prototypes.npy", allow_pickle=False))
+        prototypes = torch.from_numpy(load_npy(run_dir / "global_prototypes.npy", kind="f", ndim=2))
     return TrainedRun(model, config, content, clients, prototypes)

@@ -36,6 +36,7 @@ from ..federation.client import ClientData, LocalTrainer, build_clients, trainin
 from ..federation.memory import ItemSpace, LocalMemory, MemoryConfig
 from ..federation.server import Aggregator, ServerOptimizer, aggregate_prototypes
 from ..models import UR4RecV2MoE
+from ..safeio import load_npy
 from ..runner import SELECT_METRIC, client_seed, memory_scorer, plot_history, setup
 
 log = logging.getLogger(__name__)
@@ -427,7 +428,7 @@ class RunRecord:
         model.load_state_dict(ckpt.load_weights(self.out_dir / ckpt.MODEL_FILE))
         model.eval()
         path = self.out_dir / "global_prototypes.npy"
-        return torch.from_numpy(np.load(path, allow_pickle=False)) if path.exists() else None
+        return torch.from_numpy(load_npy(path, kind="f", ndim=2)) if path.exists() else None
 
     def finish(self, final: dict, title: str, extra: dict | None = None) -> dict:
         self.history["final"] = final
