@@ -1,7 +1,7 @@
 """Loading numpy files without unpickling: the one way every ``.npy`` / ``.npz`` is read.
 
 A ``.npy`` holding an object array, or an ``.npz`` member that is one, is a pickle: loading it
-with ``allow_pickle=True`` runs whatever its author wrote. Everything here uses
+with pickling allowed runs whatever its author wrote. Everything here uses
 ``allow_pickle=False`` and turns numpy's refusal into an error naming the file. (Weights are
 safetensors, feature tables ``torch.load(weights_only=True)``, everything else JSON.)
 """
