@@ -295,3 +295,16 @@ def test_a_dp_run_completes_and_reports_epsilon_per_round(world, tmp_path, capsy
     assert run["privacy"]["noise_multiplier"] == history["privacy"]["noise_multiplier"] > 0
     assert "DP (eps=" in capsys.readouterr().out
     assert set(history["final"]) == {"val_full", "val_sampled", "test_full", "test_sampled"}
+
+
+def test_a_resumed_dp_run_draws_the_same_clients_and_noise(world, tmp_path):
+    """Sampling and noise come from (seed, round): a run resumed after round 1 ends like an uninterrupted one."""
+    def config(rounds):
+        return tiny_config(1, num_rounds=rounds, dp_noise_multiplier=0.8, dp_clip_norm=0.05, dropout=0.0)
+
+    whole = run_federated(config(2), world["data"], tmp_path / "whole", progress=False)
+    run_federated(config(1), world["data"], tmp_path / "split", progress=False)
+    resumed = run_federated(config(2), world["data"], tmp_path / "split", resume=True, progress=False)
+    assert [r["clients"] for r in resumed["rounds"]] == [r["clients"] for r in whole["rounds"]]
+    assert resumed["rounds"][1]["val_metrics"] == whole["rounds"][1]["val_metrics"]
+    assert resumed["final"] == whole["final"] and resumed["privacy"] == whole["privacy"]
