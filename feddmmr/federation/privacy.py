@@ -21,7 +21,9 @@ validation on the users' held-out items is server-side evaluation outside this a
 
 from __future__ import annotations
 
+import functools
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +63,7 @@ def poisson_sample(num_clients: int, rate: float, seed: int, round_number: int) 
     return np.flatnonzero(rng.random(num_clients) < rate)
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function, asked again every round and at the end
 def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
     """Opacus' RDP accountant: the epsilon spent after ``rounds`` subsampled-Gaussian steps."""
     from opacus.accountants import RDPAccountant
@@ -74,8 +77,14 @@ def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: flo
 
 def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
     """The smallest sigma (to Opacus' tolerance) whose RDP epsilon after ``rounds`` is <= ``target_epsilon``."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
     from opacus.accountants.utils import get_noise_multiplier
 
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": expected at zero RDP
+        warnings.simplefilter("ignore")
+        floor, _ = get_privacy_spent(orders=ALPHAS, rdp=np.zeros(len(ALPHAS)), delta=float(delta))
+    if target_epsilon <= floor:  # fail fast: even infinite noise does not get below the conversion's floor
+        raise ValueError(f"epsilon {target_epsilon} is below {floor:.3g}, the least any noise reaches at this delta")
     return float(get_noise_multiplier(target_epsilon=float(target_epsilon), target_delta=float(delta),
                                       sample_rate=float(sample_rate), steps=int(rounds), accountant="rdp",
                                       alphas=ALPHAS))
@@ -133,14 +142,19 @@ class DifferentialPrivacy:
     @classmethod
     def from_config(cls, config, num_clients: int) -> "DifferentialPrivacy | None":
         """None when DP is off. Validates the keys and adjusts settings that would leak (logged)."""
-        from ..config import check_privacy
+        from ..config import ConfigError, check_privacy
 
         if not check_privacy(config):
             return None
         sigma = config.dp_noise_multiplier
         if config.dp_target_epsilon > 0:
-            sigma = noise_multiplier_for(config.dp_target_epsilon, config.dp_delta, config.client_fraction,
-                                         config.num_rounds)
+            try:
+                sigma = noise_multiplier_for(config.dp_target_epsilon, config.dp_delta, config.client_fraction,
+                                             config.num_rounds)
+            except ValueError as exc:
+                raise ConfigError(f"config key 'dp_target_epsilon': {config.dp_target_epsilon} is out of reach "
+                                  f"with dp_delta={config.dp_delta} over {config.num_rounds} rounds at "
+                                  f"client_fraction={config.client_fraction} ({exc})") from None
         return cls(config.dp_clip_norm, sigma, config.dp_delta, config.client_fraction, int(num_clients),
                    config.num_rounds, config.seed)
 
