@@ -36,8 +36,8 @@ from ..federation.client import ClientData, LocalTrainer, build_clients, trainin
 from ..federation.memory import ItemSpace, LocalMemory, MemoryConfig
 from ..federation.server import Aggregator, ServerOptimizer, aggregate_prototypes
 from ..models import UR4RecV2MoE
-from ..safeio import load_npy
 from ..runner import SELECT_METRIC, client_seed, memory_scorer, plot_history, setup
+from ..safeio import load_npy
 
 log = logging.getLogger(__name__)
 
