@@ -93,7 +93,7 @@ def table(results: list[dict], args, data, norms: list[float], info: dict) -> st
         eps = "(∞, 0) non-private" if not p else (f"({p['epsilon']:.2f}, {p['delta']:g})" if p["epsilon"] < 1e3
                                                   else "none (σ ≈ 0)")
         sigma, clip = (f"{p['noise_multiplier']:.3f}", f"{p['clip_norm']:g}") if p else ("0", "-")
-        change = f"{(hr - base) / base:+.1%}" if p else "-"
+        change = f"{(hr - base) / base:+.1%}" if r is not results[0] else "-"
         val = r["final"]["val_sampled"]["NDCG@10"]
         lines.append(f"| {r['name']} | {eps} | {sigma} | {clip} | {val:.4f} | {hr:.4f} | {change} | {ndcg:.4f} "
                      f"| {r['best_round']} |")
