@@ -22,16 +22,13 @@ validation on the users' held-out items is server-side evaluation outside this a
 from __future__ import annotations
 
 import functools
-import logging
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-log = logging.getLogger(__name__)
-
-NOISE_STREAM = 0x6450  # separates the noise generator from other (seed, round) streams
+NOISE_STREAM = 0x6450  # separates DP sampling and noise from the other (seed, round) random streams
 # Opacus' RDP orders plus larger ones: small sigma / large epsilon (e.g. 8) is tightest at orders above 63
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 160, 192, 256]
 
@@ -80,14 +77,16 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
     from opacus.accountants.analysis.rdp import get_privacy_spent
     from opacus.accountants.utils import get_noise_multiplier
 
-    with warnings.catch_warnings():  # "optimal order is the largest alpha": expected at zero RDP
+    # "optimal order is the largest alpha" is expected at zero RDP and at the search's large probe sigmas
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         floor, _ = get_privacy_spent(orders=ALPHAS, rdp=np.zeros(len(ALPHAS)), delta=float(delta))
-    if target_epsilon <= floor:  # fail fast: even infinite noise does not get below the conversion's floor
-        raise ValueError(f"epsilon {target_epsilon} is below {floor:.3g}, the least any noise reaches at this delta")
-    return float(get_noise_multiplier(target_epsilon=float(target_epsilon), target_delta=float(delta),
-                                      sample_rate=float(sample_rate), steps=int(rounds), accountant="rdp",
-                                      alphas=ALPHAS))
+        if target_epsilon <= floor:  # fail fast: even infinite noise does not get below the conversion's floor
+            raise ValueError(f"epsilon {target_epsilon} is below {floor:.3g}, the least any noise reaches "
+                             "at this delta")
+        return float(get_noise_multiplier(target_epsilon=float(target_epsilon), target_delta=float(delta),
+                                          sample_rate=float(sample_rate), steps=int(rounds), accountant="rdp",
+                                          alphas=ALPHAS))
 
 
 class DPAggregator:
