@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -81,6 +84,11 @@ class TrainConfig:
     num_prototypes: int = 5
     use_prototypes: bool = True
     num_global_prototypes: int = 10
+    # differential privacy (central, user-level; see federation/privacy.py). Off unless sigma or a target epsilon is set.
+    dp_noise_multiplier: float = 0.0  # sigma: noise std = sigma * dp_clip_norm on the sum of clipped updates
+    dp_target_epsilon: float = 0.0  # > 0: sigma from the RDP accountant to reach this epsilon after num_rounds
+    dp_clip_norm: float = 0.0  # C: L2 bound on each client's update (required in DP mode)
+    dp_delta: float = 1e-4  # the delta of the reported (epsilon, delta); keep it below 1 / number of users
 
     @property
     def transmitted_groups(self) -> list[str]:
@@ -89,6 +97,10 @@ class TrainConfig:
         if self.fix_gate and "gate" in groups:
             groups.remove("gate")
         return groups
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp_noise_multiplier > 0 or self.dp_target_epsilon > 0
 
     def model_kwargs(self, num_items: int, visual_dim: int, text_dim: int) -> dict:
         return dict(num_items=num_items, sasrec_hidden_dim=self.sasrec_hidden_dim,
@@ -151,7 +163,8 @@ RANGES: dict[str, Range] = {
     "st_fraction": FRACTION, "num_prototypes": POSITIVE, "num_global_prototypes": POSITIVE,
     "client_dropout": Range(0, 1, open_high=True), "min_clients": POSITIVE,
     "trim_fraction": Range(0, 0.5, open_high=True), "clip_norm": NON_NEGATIVE, "attack_fraction": FRACTION,
-    "attack_scale": Range(),
+    "attack_scale": Range(), "dp_noise_multiplier": NON_NEGATIVE, "dp_target_epsilon": NON_NEGATIVE,
+    "dp_clip_norm": NON_NEGATIVE, "dp_delta": Range(0, 1, open_low=True, open_high=True),
 }
 AGGREGATIONS = ("fedavg", "fedprox", "trimmed_mean", "median")
 ATTACKS = ("none", "scale", "sign_flip", "nan")  # fault injection for benchmarks and tests
@@ -249,6 +262,31 @@ def apply_overrides(config: TrainConfig, values: dict, source: str) -> TrainConf
             raise ConfigError(f"{source}: unknown config key {key!r}")
         setattr(config, key, _coerce(key, value, source))
     return validate_config(config, source)
+
+
+def check_privacy(config: TrainConfig) -> bool:
+    """Check the ``dp_*`` keys together (ranges: ``validate_config``); in DP mode switch off what
+    would leak past the noise (logged).
+
+    Returns whether DP is on. ``updated_rows`` averaging tells the server which item rows each
+    client changed, and memory prototypes travel un-noised: neither is covered by the guarantee.
+    """
+    if not config.dp_enabled:
+        return False
+    if config.dp_noise_multiplier > 0 and config.dp_target_epsilon > 0:
+        raise ConfigError("config keys 'dp_noise_multiplier' and 'dp_target_epsilon' both set: set one "
+                          "(the target epsilon chooses the noise multiplier)")
+    if not config.dp_clip_norm > 0:
+        raise ConfigError("config key 'dp_clip_norm': DP mode needs a positive clipping norm for client updates "
+                          f"(got {config.dp_clip_norm!r})")
+    if config.item_embedding_aggregation != "fedavg":
+        log.warning("DP mode: item_embedding_aggregation %r reveals which item rows each client updated; "
+                    "using plain averaging ('fedavg')", config.item_embedding_aggregation)
+        config.item_embedding_aggregation = "fedavg"
+    if config.use_memory and config.use_prototypes:
+        log.warning("DP mode: memory prototypes would be uploaded without noise; use_prototypes set to false")
+        config.use_prototypes = False
+    return True
 
 
 def load_preset(name_or_path: str | Path) -> TrainConfig:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .data.dataset import SequenceDataset
+from .safeio import ArrayFileError, load_npy
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +102,16 @@ def candidates(data: SequenceDataset, split: str, seed: int = 0, cache_dir: Path
     if key in _CANDIDATE_CACHE:
         return _CANDIDATE_CACHE[key]
     path = Path(cache_dir) / f"candidates_{key[0]}_{split}_s{seed}_n{num_negatives}.npy" if cache_dir else None
+    cached = None
     if path is not None and path.exists():
-        cached = np.load(path, allow_pickle=False)
-    else:
+        try:
+            cached = load_npy(path, kind="iu", ndim=2)
+            if cached.shape != (data.num_users, 1 + num_negatives):
+                raise ArrayFileError(f"{path}: shape {cached.shape}, expected {(data.num_users, 1 + num_negatives)}")
+        except ArrayFileError as exc:  # a cache is never trusted: refuse it, then recompute
+            log.warning("ignoring candidate cache: %s", exc)
+            cached = None
+    if cached is None:
         cached = sample_candidates(data, split, seed, num_negatives)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

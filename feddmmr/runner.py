@@ -25,10 +25,11 @@ from .federation.client import (ClientData, ClientFailure, ClientUpdate, ItemCon
                                pack_clients, unpack_clients)
 from .federation.memory import ItemSpace, MemoryConfig
 from .federation.faults import inject_attacks
+from .federation.privacy import DifferentialPrivacy
 from .federation.server import (ServerOptimizer, TooFewClients, aggregate_prototypes, check_update, clip_update,
-                                dropped_clients, make_aggregator,
-                                sample_clients)
+                                dropped_clients, make_aggregator, sample_clients)
 from .models import PARAM_GROUPS, CheckpointError, UR4RecV2MoE
+from .safeio import load_npy, load_npz
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
     out_dir = Path(out_dir)
     if ckpt.resume_dir(out_dir) is not None and not resume:
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    dp = DifferentialPrivacy.from_config(config, data.num_users)  # None unless DP mode (may adjust config)
     fed = setup(config, data, features_dir, init_dir)
     model = fed.model
     check_quorum(config, data.num_users)
@@ -149,6 +151,7 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
         "trained_groups": fed.trained_groups, "init": fed.init_dir, "features": fed.feature_meta,
         "data": data_info or data.stats(), "data_fingerprint": data.fingerprint(), "select_metric": SELECT_METRIC,
         "versions": {"torch": torch.__version__},
+        "privacy": dp.spent(config.num_rounds) if dp else None,
     }
     point = ckpt.load_resume_point(out_dir, run_config) if resume and ckpt.resume_dir(out_dir) else None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -194,12 +197,15 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
     for round_number in rounds:
         rng = ckpt.rng_state()  # as the round starts: saved with the previous round if this one cannot count
         tick = time.time()
-        selected = sample_clients(data.num_users, config.client_fraction, config.seed, round_number)
+        if dp:  # DP mode: Poisson sampling, clipped deltas + Gaussian noise over a fixed denominator
+            selected = dp.sample(round_number)
+        else:
+            selected = sample_clients(data.num_users, config.client_fraction, config.seed, round_number)
         updates, dropped = local_updates(trainer, clients, selected, global_state, prototypes, config, round_number)
         if dropped:
             log.warning("round %d: %d of %d sampled clients dropped: %s", round_number, len(dropped), len(selected),
                         "; ".join(f"user {u}: {why}" for u, why in dropped.items()))
-        if len(updates) < config.min_clients:
+        if len(updates) < min(config.min_clients, len(selected)):  # (a Poisson sample may be smaller)
             save_point(round_number - 1, rng)
             raise TooFewClients(
                 f"round {round_number}: {len(updates)} of {len(selected)} sampled clients answered, fewer than "
@@ -207,8 +213,11 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
                 f"saved in {out_dir / ckpt.RESUME_DIR}: fix the cause (or lower min_clients) and resume")
         users = np.array([u for u, _ in updates], dtype=np.int64)
         poisoned, attackers = inject_attacks([u for _, u in updates], users, global_state, config, round_number)
-        aggregator = make_aggregator(global_state, config.aggregation, config.item_embedding_aggregation,
-                                     config.trim_fraction)
+        if dp:
+            aggregator = dp.aggregator(global_state, round_number)
+        else:
+            aggregator = make_aggregator(global_state, config.aggregation, config.item_embedding_aggregation,
+                                         config.trim_fraction)
         received, sums, rejected, clipped = [], {}, [], 0
         for user, update in zip(users, poisoned):
             reason = check_update(global_state, update.state, update.num_samples)
@@ -226,7 +235,7 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
             for key, value in update.metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
         accepted = len(updates) - len(rejected)
-        if accepted == 0:
+        if accepted == 0 and rejected:
             raise RuntimeError(f"round {round_number}: every client update was rejected ({rejected[0]['reason']}, ...)")
         global_state = server_optimizer.step(global_state, aggregator.result())
         trainer.load_global(global_state)
@@ -240,7 +249,7 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
         train_seconds = time.time() - tick
         entry = {"round": round_number, "clients": len(updates),
                  "samples": int(sum(clients[u].num_samples for u, _ in updates)),
-                 "losses": {k: v / accepted for k, v in sums.items()},
+                 "losses": {k: v / max(accepted, 1) for k, v in sums.items()},
                  "gate": float(model.gating_weight.detach()), "train_seconds": round(train_seconds, 3),
                  "dropped": sorted(dropped)}
         if dropped:
@@ -251,6 +260,8 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
             entry["clipped"] = int(clipped)
         if attackers:
             entry["attackers"] = attackers  # injected faults (benchmarks/tests only)
+        if dp:
+            entry["privacy"] = {**dp.spent(round_number), **aggregator.stats()}
         if round_number % config.eval_every == 0 or round_number == config.num_rounds:
             tick = time.time()
             model.eval()
@@ -277,6 +288,8 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
             summary += f", {len(rejected)} update(s) rejected"
         if "val_metrics" in entry:
             summary += " | val " + format_metrics(entry["val_metrics"])
+        if dp:
+            summary += f" | eps {entry['privacy']['epsilon']:.3g}"
         if bar is not None:
             bar.update(1)
             bar.write(summary)
@@ -292,9 +305,12 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
     model.eval()
     best_prototypes = None
     if (out_dir / ckpt.BEST_PROTOTYPES_FILE).exists():
-        best_prototypes = torch.from_numpy(np.load(out_dir / ckpt.BEST_PROTOTYPES_FILE, allow_pickle=False))
+        best_prototypes = torch.from_numpy(load_npy(out_dir / ckpt.BEST_PROTOTYPES_FILE, kind="f", ndim=2))
     final = final_scores(model, fed.content, clients, data, config, best_prototypes, out_dir / "cache")
     history["final"] = final
+    if dp:
+        history["privacy"] = dp.spent(config.num_rounds)
+        print(dp.describe(config.num_rounds))
     history["total_seconds"] = round(sum(r["seconds"] for r in history["rounds"]), 2)
     ckpt.write_json(out_dir / ckpt.HISTORY_FILE, history)
     save_memory_state(out_dir / ckpt.MEMORY_FILE, clients)
@@ -370,6 +386,22 @@ def save_memory_state(path: Path, clients: dict[int, ClientData]) -> None:
     np.savez_compressed(path, **arrays)
 
 
+def load_memory_state(path: Path) -> dict[int, dict[str, np.ndarray]]:
+    """:func:`save_memory_state`'s file back as user -> ``LocalMemory.state_dict()`` (never unpickled)."""
+    keys = ("lt_items", "lt_freq", "lt_last", "recent")
+    arrays = load_npz(path, required=("users", "step", "threshold", "writes")
+                      + keys + tuple(k + "_offsets" for k in keys))
+    out = {}
+    for row, user in enumerate(arrays["users"].tolist()):
+        state = {}
+        for key in keys:
+            offsets = arrays[key + "_offsets"]
+            state[key] = arrays[key][offsets[row]:offsets[row + 1]]
+        state.update({key: arrays[key][row:row + 1] for key in ("step", "threshold", "writes")})
+        out[int(user)] = state
+    return out
+
+
 def plot_history(history: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -428,5 +460,5 @@ def restore(run_dir: Path, data: SequenceDataset, features_dir: Path | None = No
     clients = build_clients(data, config.max_seq_len, memory_config, space, seed=config.seed)
     prototypes = None
     if (run_dir / ckpt.BEST_PROTOTYPES_FILE).exists():
-        prototypes = torch.from_numpy(np.load(run_dir / ckpt.BEST_PROTOTYPES_FILE, allow_pickle=False))
+        prototypes = torch.from_numpy(load_npy(run_dir / ckpt.BEST_PROTOTYPES_FILE, kind="f", ndim=2))
     return TrainedRun(model, config, content, clients, prototypes)

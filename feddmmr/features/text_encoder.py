@@ -73,7 +73,7 @@ def load_text_encoder(name_or_path: str | None = None) -> TextEncoder:
     resolved = resolve_text_encoder(name_or_path)
     display, identity = text_encoder_identity(name_or_path)
     try:
-        model = SentenceTransformer(resolved, device="cpu")
+        model = SentenceTransformer(resolved, device="cpu", model_kwargs={"use_safetensors": True})  # no pickles
     except Exception as exc:
         raise EncoderError(f"cannot load text encoder {display!r} from {resolved!r} ({type(exc).__name__}: "
                            f"{exc}). Offline, pass a local sentence-transformers folder or use the default "

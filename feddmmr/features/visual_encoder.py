@@ -114,7 +114,9 @@ class ClipVision:
         local = Path(name_or_path).is_dir()
         try:
             processor = CLIPImageProcessor.from_pretrained(name_or_path, local_files_only=local)
-            self.model = CLIPVisionModelWithProjection.from_pretrained(name_or_path, local_files_only=local)
+            # safetensors only: a pytorch_model.bin is a pickle
+            self.model = CLIPVisionModelWithProjection.from_pretrained(name_or_path, local_files_only=local,
+                                                                       use_safetensors=True)
         except Exception as exc:
             raise EncoderError(f"cannot load CLIP from {name_or_path!r} ({type(exc).__name__}: {exc}). CLIP "
                                "weights cannot be downloaded offline: pass --clip-path DIR with a saved "

@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 
+MIN_PROTOTYPE_ITEMS = 2  # distinct memory items a shared centroid must average (never one entry verbatim)
+
+
 @dataclass(frozen=True)
 class MemoryConfig:
     st_window: int = 50
@@ -139,12 +142,22 @@ class LocalMemory:
         return out
 
     def prototypes(self, seed: int = 0) -> np.ndarray:
-        """K-Means centroids ``[k, D]`` of the LT entries (fewer entries -> fewer centroids)."""
-        if len(self.lt_items) == 0:
-            return np.zeros((0, self.space.embedding.shape[1]), dtype=np.float32)
+        """K-Means centroids ``[k, D]`` of the LT entries: what a client may share.
+
+        A centroid is kept only if its cluster averages at least ``MIN_PROTOTYPE_ITEMS`` distinct
+        items, so no memory entry (whose content embedding identifies the item through the
+        public feature tables) ever leaves the client verbatim; small memories give fewer or no
+        centroids.
+        """
+        dim = self.space.embedding.shape[1]
+        k = min(self.config.num_prototypes, len(np.unique(self.lt_items)) // MIN_PROTOTYPE_ITEMS)
+        if k == 0:
+            return np.zeros((0, dim), dtype=np.float32)
         points = self.space.embedding[self.lt_items]
-        k = min(self.config.num_prototypes, len(np.unique(self.lt_items)))
-        return kmeans(points, k, seed, weights=self.lt_freq)
+        centers = kmeans(points, k, seed, weights=self.lt_freq)
+        labels = ((points[:, None, :] - centers[None]) ** 2).sum(-1).argmin(1)
+        keep = [j for j in range(len(centers)) if len(np.unique(self.lt_items[labels == j])) >= MIN_PROTOTYPE_ITEMS]
+        return centers[keep].astype(np.float32)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -37,6 +37,7 @@ from ..federation.memory import MemoryConfig
 from ..federation.server import Aggregator, ServerOptimizer, aggregate_prototypes
 from ..models import UR4RecV2MoE
 from ..runner import SELECT_METRIC, client_seed, memory_scorer, plot_history, setup
+from ..safeio import load_npy
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,11 @@ def train_config(run_config: Mapping) -> TrainConfig:
         raise ConfigError(f"run config: preset {config.preset!r} is for stage {config.stage}, not stage {stage}")
     overrides = {key: run_config[key] for key in TRAIN_KEYS
                  if key not in ("preset", "stage") and run_config.get(key, "") != ""}
-    return apply_overrides(config, overrides, "run config")
+    config = apply_overrides(config, overrides, "run config")
+    if config.dp_enabled:
+        raise ConfigError("run config: differential privacy (dp_noise_multiplier / dp_target_epsilon) is only "
+                          "supported by the in-process runner (`feddmmr train --set dp_...`); unset it for Flower")
+    return config
 
 
 def check_supported(config: TrainConfig) -> None:
@@ -384,7 +389,7 @@ class RunRecord:
         model.load_state_dict(ckpt.load_weights(self.out_dir / ckpt.MODEL_FILE))
         model.eval()
         path = self.out_dir / ckpt.BEST_PROTOTYPES_FILE
-        return torch.from_numpy(np.load(path, allow_pickle=False)) if path.exists() else None
+        return torch.from_numpy(load_npy(path, kind="f", ndim=2)) if path.exists() else None
 
     def finish(self, final: dict, title: str, extra: dict | None = None) -> dict:
         self.history["final"] = final
