@@ -87,14 +87,14 @@ def load_table(path: Path | str, num_items: int | None = None) -> FeatureTable:
 
 
 def _load_failure(exc: Exception) -> str:
-    """One line for a failed ``torch.load``: torch's own message spans lines and suggests the unsafe
-    ``weights_only=False``, which must never be followed for a file that asks to run code."""
+    """One line for a failed ``torch.load``: torch's own message spans lines and suggests turning
+    weights-only loading off, which must never be followed for a file that asks to run code."""
     text = str(exc)
     if "WeightsUnpickler error:" in text:
         reason = " ".join(text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0].split())
         if "global" in reason.lower():
             return (f"{type(exc).__name__}: refused, the file holds code or objects other than tensors and plain "
-                    f"data ({reason.split('. ')[0]}); never load it with weights_only=False")
+                    f"data ({reason.split('. ')[0]}); never load it with weights-only loading turned off")
         return f"{type(exc).__name__}: not a torch.save file ({reason})"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[0] if lines else 'unknown error'}"

@@ -159,8 +159,9 @@ def frozen_groups(trainable: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- the resume point
 
 RESUME_FORMAT = 2
-# Keys a resume may change: extend a run (num_rounds) or relax the quorum after a failed round (min_clients).
-RESUMABLE_CHANGES = ("train.num_rounds", "train.min_clients")
+# Keys a resume may change: extend a run (num_rounds; in DP mode the planned epsilon follows, the noise
+# multiplier may not change) or relax the quorum after a failed round (min_clients).
+RESUMABLE_CHANGES = ("train.num_rounds", "train.min_clients", "privacy.rounds", "privacy.epsilon")
 BEST_PROTOTYPES_FILE = "global_prototypes.npy"  # the best round's global prototypes, beside MODEL_FILE
 _STATE, _HISTORY, _OPTIMIZER = "state.json", "history.json", "server_optimizer.safetensors"
 _PROTOTYPES, _CLIENTS = "prototypes.npy", "clients.npz"
