@@ -101,9 +101,9 @@ def _instrument(timings: _Timings) -> None:
         timings.grad_calls += 1
         return out
 
-    def timed_train_many(self, clients, global_state, seeds, global_prototypes=None):
+    def timed_train_many(self, clients, global_state, seeds, global_prototypes=None, **options):
         grad0, calls0, start, cpu = timings.grad, timings.grad_calls, time.perf_counter(), time.process_time()
-        updates = train_many(self, clients, global_state, seeds, global_prototypes)
+        updates = train_many(self, clients, global_state, seeds, global_prototypes, **options)
         timings.trainer = self
         timings.rounds.append({
             "local_seconds": time.perf_counter() - start, "local_cpu_seconds": time.process_time() - cpu,
