@@ -366,24 +366,10 @@ def final_scores(model: UR4RecV2MoE, content: ItemContent, clients: dict[int, Cl
 
 
 def save_memory_state(path: Path, clients: dict[int, ClientData]) -> None:
-    """The clients' LT memories (user row -> entries), concatenated with offsets."""
-    users = [u for u, c in clients.items() if c.memory_state is not None]
-    if not users:
-        return
-    parts = {key: [] for key in ("lt_items", "lt_freq", "lt_last", "recent")}
-    scalars = {key: [] for key in ("step", "threshold", "writes")}
-    for user in users:
-        state = clients[user].memory_state.state_dict()
-        for key in parts:
-            parts[key].append(state[key])
-        for key in scalars:
-            scalars[key].append(state[key][0])
-    arrays = {"users": np.asarray(users)}
-    for key, values in parts.items():
-        arrays[key] = np.concatenate(values)
-        arrays[key + "_offsets"] = np.concatenate([[0], np.cumsum([len(v) for v in values])])
-    arrays.update({key: np.asarray(values) for key, values in scalars.items()})
-    np.savez_compressed(path, **arrays)
+    """The clients' memories, in the resume point's layout (:func:`pack_clients`: one format on disk)."""
+    arrays = pack_clients(clients)
+    if arrays:
+        np.savez_compressed(path, **arrays)
 
 
 def load_memory_state(path: Path) -> dict[int, dict[str, np.ndarray]]:
