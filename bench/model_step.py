@@ -111,7 +111,7 @@ def main() -> None:
           f"threads {torch.get_num_threads()} (torch.get_num_threads()); batch {b}, L {args.seq_len}, "
           f"{args.negatives} negatives, K {args.memory}, visual_dim {args.visual_dim}, text_dim {args.text_dim}, "
           f"num_items {n_items}, hidden {args.hidden}; alignment over {len(distinct)} items "
-          f"({'align_items' if takes_items else 'align=True'}); median of {args.iters} after {args.warmup} warm-up\n")
+          f"(align_items); median of {args.iters} after {args.warmup} warm-up\n")
     print("| configuration | median ms | min ms | max ms | ms per sequence/user |")
     print("|---|---:|---:|---:|---:|")
     for name, fn, count in cases:

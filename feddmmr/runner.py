@@ -26,8 +26,8 @@ from .federation.client import (ClientData, ClientFailure, ClientUpdate, ItemCon
 from .federation.memory import ItemSpace, MemoryConfig
 from .federation.faults import inject_attacks
 from .federation.privacy import DifferentialPrivacy
-from .federation.server import (ServerOptimizer, TooFewClients, aggregate_prototypes, check_update, clip_update,
-                                dropped_clients, make_aggregator, sample_clients)
+from .federation.server import (ServerOptimizer, TooFewClients, UpdateScreen, aggregate_prototypes, dropped_clients,
+                                make_aggregator, sample_clients)
 from .models import PARAM_GROUPS, CheckpointError, UR4RecV2MoE
 from .safeio import load_npy, load_npz
 
@@ -218,26 +218,17 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
         else:
             aggregator = make_aggregator(global_state, config.aggregation, config.item_embedding_aggregation,
                                          config.trim_fraction)
-        received, sums, rejected, clipped = [], {}, [], 0
+        screen = UpdateScreen(global_state, aggregator, config.clip_norm, round_number)
+        received, sums = [], {}
         for user, update in zip(users, poisoned):
-            reason = check_update(global_state, update.state, update.num_samples)
-            if reason is not None:  # never aggregated
-                rejected.append({"user": int(user), "reason": reason})
-                log.warning("round %d: rejected the update of user %d: %s", round_number, int(user), reason)
-                continue
-            state = update.state
-            if config.clip_norm > 0:
-                state, norm = clip_update(global_state, state, config.clip_norm)
-                clipped += norm > config.clip_norm
-            aggregator.add(state, update.num_samples)
+            if not screen.offer(user, update.state, update.num_samples):
+                continue  # never aggregated
             if update.prototypes is not None:
                 received.append(update.prototypes)
             for key, value in update.metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
-        accepted = len(updates) - len(rejected)
-        if accepted == 0 and rejected:
-            raise RuntimeError(f"round {round_number}: every client update was rejected ({rejected[0]['reason']}, ...)")
-        global_state = server_optimizer.step(global_state, aggregator.result())
+        rejected, clipped, accepted = screen.rejected, screen.clipped, screen.accepted
+        global_state = server_optimizer.step(global_state, screen.result())
         trainer.load_global(global_state)
         with torch.no_grad():
             own = model.state_dict()

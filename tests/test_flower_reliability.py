@@ -3,8 +3,11 @@
 * Dropouts: a wave uses the replies that arrive within ``round_timeout``; a node that failed is
   logged and recorded as dropped, one that timed out is lost for the rest of the run; the run
   stops with a clear error only when fewer than ``min_clients`` sampled clients' updates arrived.
+* Robust aggregation and clipping: nodes send each client's update, and the ServerApp takes them
+  through the in-process runner's screen (check, clip, median / trimmed mean): the same model as
+  ``feddmmr train``; a NaN update is rejected by user, a bad partition sum by partition.
 * SecAgg+ (``secure_aggregation=true``): the server gets only the sum of the nodes' updates; the
-  model equals the plain run's up to the quantization error; robust aggregators are refused.
+  model equals the plain run's up to the quantization error; robust aggregators and clipping are refused.
 
 Most tests drive the real ServerApp loop and ClientApp through :class:`tests.flowertools.LocalGrid`
 (no processes, seconds); two run on a loopback SuperLink with real SuperNodes, one of them
@@ -30,8 +33,10 @@ from feddmmr.federation import checkpoint as ckpt
 from feddmmr.federation.server import ITEM_EMBEDDING_KEY, sample_clients
 from feddmmr.flower import core, deploy, secure
 from feddmmr.flower.server_app import NodeError, run_server
+from feddmmr.runner import run_federated
 
 from .fedtools import tiny_config, tiny_dataset
+from feddmmr.config import apply_overrides
 from .flowertools import LocalGrid
 from .test_flower import TINY
 
@@ -122,6 +127,74 @@ def test_too_few_arrived_clients_stop_the_run_with_a_clear_error(data_dir, tmp_p
         run_server(grid, config)
 
 
+# --------------------------------------------------------------------------- robust aggregation and clipping
+
+ROBUST_CASES = {"median": {"aggregation": "median"},
+                "trimmed-mean": {"aggregation": "trimmed_mean", "trim_fraction": 0.2},
+                "fedavg-clipped": {"clip_norm": 1e-3},
+                "median-clipped": {"aggregation": "median", "clip_norm": 1e-3}}
+
+
+@pytest.mark.parametrize("keys", list(ROBUST_CASES.values()), ids=list(ROBUST_CASES))
+def test_robust_aggregation_and_clipping_on_flower_give_the_in_process_model(tmp_path, keys):
+    data = tiny_dataset(tmp_path)
+    inproc = run_federated(apply_overrides(tiny_config(1, dropout=0.0), dict(keys), "test"), data,
+                           tmp_path / "inproc", progress=False)
+    config = run_config(tmp_path / "data", tmp_path / "flower", **keys)
+    grid = LocalGrid(config, 3)
+    history = run_server(grid, config)
+    assert _max_difference(_weights(tmp_path / "inproc"), _weights(tmp_path / "flower")) < 1e-6
+    assert [r["clients"] for r in history["rounds"]] == [r["clients"] for r in inproc["rounds"]]
+    if "clip_norm" in keys:  # every honest update of the tiny model is longer than 1e-3
+        assert [r["clipped"] for r in history["rounds"]] == [r["clipped"] for r in inproc["rounds"]] == [6, 6]
+    train_replies = [m for m in grid.replies if m.metadata.message_type == "train"]
+    assert train_replies and all("each" in m.content and not m.content["sums"] for m in train_replies)
+
+
+def _poison(monkeypatch, user: int | None) -> None:
+    """Nodes return NaN for ``user``'s update (None: NaN in every partition sum)."""
+    train = core.NodeRuntime.train
+
+    def poisoned(self, users, global_state, round_number, prototypes):
+        update = train(self, users, global_state, round_number, prototypes)
+        for other, state, _ in update.each:
+            if other == user:
+                state[ITEM_EMBEDDING_KEY] = torch.full_like(state[ITEM_EMBEDDING_KEY], float("nan"))
+        if user is None and update.sums:
+            update.sums[ITEM_EMBEDDING_KEY][0, 0] = float("nan")
+        return update
+
+    monkeypatch.setattr(core.NodeRuntime, "train", poisoned)
+
+
+def test_a_nan_client_update_on_flower_is_rejected_by_user_and_the_model_stays_finite(data_dir, tmp_path,
+                                                                                      monkeypatch):
+    victim = sampled_in(1, 1, 3)[0]
+    _poison(monkeypatch, victim)
+    config = run_config(data_dir, tmp_path / "run", aggregation="median")
+    history = run_server(LocalGrid(config, 3), config)
+    first = history["rounds"][0]
+    assert [r["user"] for r in first["rejected"]] == [victim]
+    assert "non-finite" in first["rejected"][0]["reason"]
+    assert all(torch.isfinite(w).all() for w in _weights(tmp_path / "run").values())
+    assert finite_metrics(history)
+
+
+def test_a_nan_partition_sum_on_flower_is_rejected_by_partition(data_dir, tmp_path, monkeypatch, capsys):
+    _poison(monkeypatch, None)
+    config = run_config(data_dir, tmp_path / "run")  # FedAvg: the nodes send sums
+    with pytest.raises(RuntimeError, match="round 1: every client update was rejected"):
+        run_server(LocalGrid(config, 3), config)
+    assert "rejected the update of {'partition': 0}" in capsys.readouterr().out
+
+
+def test_flower_refuses_in_process_fault_injection():
+    for keys, message in (({"attack": "sign_flip"}, "attack='sign_flip'"), ({"client_dropout": 0.2}, "client_dropout")):
+        with pytest.raises(ConfigError, match=f"the Flower app does not support {message}"):
+            core.check_supported(tiny_config(1, **keys))
+    core.check_supported(tiny_config(1, aggregation="median", clip_norm=1.0))  # supported now
+
+
 # --------------------------------------------------------------------------- SecAgg+
 
 def test_the_secure_vector_layout_round_trips_and_refuses_entries_beyond_the_clipping_range():
@@ -153,6 +226,9 @@ def test_secure_aggregation_refuses_robust_aggregators():
             secure.check_compatible(config)
     config.aggregation = "fedavg"
     secure.check_compatible(config)
+    config.clip_norm = 1.0
+    with pytest.raises(ConfigError, match="secure_aggregation=true cannot be combined with clip_norm > 0"):
+        secure.check_compatible(config)
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:

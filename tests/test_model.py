@@ -368,6 +368,28 @@ def test_training_loss_uses_the_same_scores_as_inference():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_projecting_the_whole_catalogue_gives_the_per_lookup_scores_and_gradients():
+    """Training projects every item once (``projected_tables``) instead of every (row, candidate) lookup."""
+    model = make_model(gating_init=0.5, dropout=0.0)
+    seq, items, mem_vis, mem_txt = batch(13)
+    items[0, :2] = torch.tensor([1, 2])  # an item without a poster, one without text
+    results = []
+    for tables in (None, "precomputed"):
+        model.zero_grad()
+        bonus, weights, balance = model.auxiliary(items, mem_vis, mem_txt, dedupe=False,
+                                                  tables=model.projected_tables() if tables else None)
+        (bonus.sum() + weights.sum() + balance).backward()
+        results.append((bonus.detach(), weights.detach(), balance.detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (b1, w1, l1, g1), (b2, w2, l2, g2) = results
+    torch.testing.assert_close(b1, b2)
+    torch.testing.assert_close(w1, w2)
+    torch.testing.assert_close(l1, l2)
+    assert g1.keys() == g2.keys() and any(name.startswith("proj_visual") for name in g1)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], msg=name)
+
+
 # ---------------------------------------------------------------------------------------- router masking
 def test_candidate_without_poster_gets_no_visual_weight():
     model = make_model().eval()

@@ -1,14 +1,15 @@
 """The server side: client sampling, update validation and clipping, aggregation of updates
 (FedAvg or a robust coordinate-wise rule) and of memory prototypes.
 
-Per round the server (``runner.run_federated``) takes each client update through
-:func:`check_update` (rejected updates are logged, never aggregated), then :func:`clip_update`
-when ``clip_norm > 0``, then the aggregator of ``aggregation`` (:func:`make_aggregator`), then
-:class:`ServerOptimizer`.
+Per round the server (``runner.run_federated``, and the Flower ServerApp when its nodes send
+each client's update) takes each client update through :class:`UpdateScreen`: :func:`check_update`
+(rejected updates are logged, never aggregated), then :func:`clip_update` when ``clip_norm > 0``,
+then the aggregator of ``aggregation`` (:func:`make_aggregator`); then :class:`ServerOptimizer`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -18,6 +19,9 @@ from ..config import AGGREGATIONS
 from .memory import kmeans
 
 ITEM_EMBEDDING_KEY = "sasrec.item_emb.weight"
+ROBUST = ("trimmed_mean", "median")
+
+log = logging.getLogger(__name__)
 
 
 def sample_clients(num_clients: int, fraction: float, seed: int, round_number: int) -> np.ndarray:
@@ -106,6 +110,41 @@ def clip_update(global_state: dict[str, torch.Tensor], state: dict[str, torch.Te
         reference = global_state[key].double()
         out[key] = (reference + (value.double() - reference) * scale).to(value.dtype)
     return out, norm
+
+
+class UpdateScreen:
+    """The server's gate in front of an aggregator: each client update is checked, clipped, added.
+
+    The one per-client path of a round, shared by the in-process runner and the Flower ServerApp,
+    so both reject, clip and count the same way.
+    """
+
+    def __init__(self, global_state: dict[str, torch.Tensor], aggregator, clip_norm: float = 0.0,
+                 round_number: int | None = None):
+        self.global_state, self.aggregator, self.clip_norm, self.round = global_state, aggregator, clip_norm, round_number
+        self.rejected: list[dict] = []
+        self.clipped = 0
+        self.accepted = 0
+
+    def offer(self, user: int, state, num_samples) -> bool:
+        """Add ``state`` to the aggregate if it is a valid update (clipped first); False if rejected."""
+        reason = check_update(self.global_state, state, num_samples)
+        if reason is not None:
+            self.rejected.append({"user": int(user), "reason": reason})
+            log.warning("round %s: rejected the update of user %d: %s", self.round, int(user), reason)
+            return False
+        if self.clip_norm > 0:
+            state, norm = clip_update(self.global_state, state, self.clip_norm)
+            self.clipped += norm > self.clip_norm
+        self.aggregator.add(state, num_samples)
+        self.accepted += 1
+        return True
+
+    def result(self) -> dict[str, torch.Tensor]:
+        if self.accepted == 0 and self.rejected:
+            raise RuntimeError(f"round {self.round}: every client update was rejected "
+                               f"({self.rejected[0]['reason']}, ...)")
+        return self.aggregator.result()
 
 
 # --------------------------------------------------------------------------- aggregation

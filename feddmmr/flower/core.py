@@ -34,7 +34,7 @@ from ..evaluation import METRIC_NAMES, PROTOCOLS, evaluate, format_metrics
 from ..federation import checkpoint as ckpt
 from ..federation.client import ClientData, LocalTrainer, build_clients, pack_clients, unpack_clients
 from ..federation.memory import MemoryConfig
-from ..federation.server import Aggregator, ServerOptimizer, aggregate_prototypes
+from ..federation.server import ROBUST, Aggregator, ServerOptimizer, aggregate_prototypes
 from ..models import UR4RecV2MoE
 from ..runner import SELECT_METRIC, client_seed, memory_scorer, plot_history, setup
 from ..safeio import load_npy
@@ -96,16 +96,9 @@ def train_config(run_config: Mapping) -> TrainConfig:
 
 
 def check_supported(config: TrainConfig) -> None:
-    """Refuse what the Flower path cannot do yet rather than silently ignore it.
-
-    Nodes send their partition's pre-summed update, so anything that needs each client's own
-    update on the server (median, trimmed mean, clipping, attack injection) runs in-process only.
-    """
+    """Refuse what the Flower path cannot do rather than silently ignore it: fault injection is
+    in-process only (on Flower, stop a SuperNode or send a bad reply instead)."""
     problems = []
-    if config.aggregation in ("trimmed_mean", "median"):
-        problems.append(f"aggregation={config.aggregation!r} (it needs each client's update; nodes pre-sum them)")
-    if config.clip_norm > 0:
-        problems.append("clip_norm > 0 (clipping acts on each client's update; nodes pre-sum them)")
     if config.attack != "none":
         problems.append(f"attack={config.attack!r} (in-process fault injection)")
     if config.client_dropout > 0:
@@ -113,6 +106,12 @@ def check_supported(config: TrainConfig) -> None:
     if problems:
         raise ConfigError("run config: the Flower app does not support " + "; ".join(problems)
                           + "; run it in-process with `feddmmr train`")
+
+
+def sends_each_update(config: TrainConfig) -> bool:
+    """Whether nodes reply with each client's update instead of their partition's sum: a median, a
+    trimmed mean or server-side clipping needs every update on the server (FedAvg only the sum)."""
+    return config.aggregation in ROBUST or config.clip_norm > 0
 
 
 def path_setting(key: str, run_config: Mapping, node_config: Mapping | None = None) -> Path | None:
@@ -158,6 +157,7 @@ class NodeUpdate:
     losses: dict[str, float]  # summed over the node's clients
     samples: int
     clients: int
+    each: list[tuple[int, dict[str, torch.Tensor], int]] = field(default_factory=list)  # (user, state, samples)
 
 
 def load_state(model: UR4RecV2MoE, state: Mapping[str, torch.Tensor]) -> None:
@@ -215,22 +215,26 @@ class NodeRuntime:
 
     def train(self, users, global_state: dict[str, torch.Tensor], round_number: int,
               prototypes: torch.Tensor | None) -> NodeUpdate:
-        """The same local step as the in-process loop, for this node's sampled users, pre-aggregated."""
+        """The same local step as the in-process loop, for this node's sampled users: pre-aggregated,
+        or each client's update when :func:`sends_each_update` (then ``sums`` is empty)."""
         cfg = self.config
         users = sorted(int(u) for u in users)
         aggregator = Aggregator(global_state, cfg.item_embedding_aggregation)
         seeds = [client_seed(cfg.seed, round_number, u) for u in users]
         updates = self.trainer.train_many([self.clients[u] for u in users], global_state, seeds, prototypes)
-        received, losses = [], {}
+        received, losses, each = [], {}, []
         for user, update in zip(users, updates):
-            aggregator.add(update.state, update.num_samples)
+            if sends_each_update(cfg):
+                each.append((user, update.state, int(update.num_samples)))
+            else:
+                aggregator.add(update.state, update.num_samples)
             if update.prototypes is not None:
                 received.append((user, update.prototypes))
             for key, value in update.metrics.items():
                 losses[key] = losses.get(key, 0.0) + value
         sums, row_weight, total = aggregator.partial()
         return NodeUpdate(sums, row_weight, total, received, losses,
-                          int(sum(self.clients[u].num_samples for u in users)), len(users))
+                          int(sum(self.clients[u].num_samples for u in users)), len(users), each)
 
     def memory_ids(self, split: str) -> np.ndarray | None:
         """``[num_users, K]`` memory ids for scoring (rows of other nodes' users stay empty)."""

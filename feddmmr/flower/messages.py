@@ -3,7 +3,8 @@
 * a state dict (``name -> tensor``) <-> ``ArrayRecord`` (dtypes kept: float32 weights stay
   float32, the float64 partial sums stay float64);
 * a node's partial aggregate (``Aggregator.partial()`` + its users' prototypes and losses)
-  <-> a reply ``RecordDict``;
+  <-> a reply ``RecordDict``; or, for robust aggregation and clipping, each client's state
+  (stacked per key, float32 as trained) with its user and sample count;
 * evaluation results <-> ``ConfigRecord`` (JSON text: floats round-trip exactly).
 """
 
@@ -26,6 +27,8 @@ SUMS = "sums"
 ROW_WEIGHT = "row-weight"
 STATS = "stats"
 RESULTS = "results"
+EACH = "each"  # each client's state, stacked per key (robust aggregation / clipping)
+EACH_INFO = "each-info"  # their users and sample counts, in the stacking order
 LOSS_PREFIX = "loss."
 
 
@@ -97,6 +100,11 @@ def update_to_content(update: NodeUpdate, extra: Mapping[str, float] | None = No
         content[ROW_WEIGHT] = arrays_to_record({"weight": update.row_weight.numpy()})
     if update.prototypes:
         content[PROTOTYPES] = arrays_to_record(pack_user_arrays(update.prototypes))
+    if update.each:
+        states = [state for _, state, _ in update.each]
+        content[EACH] = state_to_record({key: torch.stack([state[key] for state in states]) for key in states[0]})
+        content[EACH_INFO] = ConfigRecord({"users": [int(u) for u, _, _ in update.each],
+                                           "samples": [int(n) for _, _, n in update.each]})
     return content
 
 
@@ -105,8 +113,17 @@ def content_to_update(content: RecordDict) -> NodeUpdate:
     row_weight = torch.from_numpy(content[ROW_WEIGHT]["weight"].numpy()) if ROW_WEIGHT in content else None
     prototypes = unpack_user_arrays(record_to_arrays(content[PROTOTYPES])) if PROTOTYPES in content else []
     losses = {key[len(LOSS_PREFIX):]: float(value) for key, value in stats.items() if key.startswith(LOSS_PREFIX)}
+    each = []
+    if EACH in content:
+        stacked, info = record_to_state(content[EACH]), content[EACH_INFO]
+        sizes = {len(info["users"]), len(info["samples"])} | {len(value) for value in stacked.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"a reply's per-client updates disagree in count: {len(info['users'])} users, "
+                             f"{len(info['samples'])} sample counts, stacked sizes {sorted(sizes)}")
+        each = [(int(user), {key: value[i] for key, value in stacked.items()}, int(count))
+                for i, (user, count) in enumerate(zip(info["users"], info["samples"]))]
     return NodeUpdate(record_to_state(content[SUMS]), row_weight, float(stats["total"]), prototypes, losses,
-                      int(stats["samples"]), int(stats["clients"]))
+                      int(stats["samples"]), int(stats["clients"]), each)
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -2,7 +2,9 @@
 
 Per round: the same ``sample_clients(num_users, client_fraction, seed, round)``; the sampled
 users grouped by partition; one ``train`` message per node that has sampled users; the nodes'
-partial aggregates merged with ``Aggregator.merge`` in partition order; prototypes clustered
+partial aggregates (each checked by ``check_update``) merged with ``Aggregator.merge`` in partition
+order, or, for ``median``/``trimmed_mean``/``clip_norm``, each client's update taken through the
+in-process runner's ``UpdateScreen`` (check, clip, robust aggregate); prototypes clustered
 from the users' centroids in ascending user order; every ``eval_every`` rounds (and the last)
 an ``evaluate`` message to every node, results combined over all users; the best round kept;
 at the end the best model scored once on validation and test, both protocols. The run
@@ -34,7 +36,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from ..evaluation import format_metrics
-from ..federation.server import Aggregator, sample_clients
+from ..federation.server import UpdateScreen, check_update, make_aggregator, sample_clients
 from ..runner import make_server_optimizer, setup
 from . import messages as msgs
 from . import secure
@@ -303,22 +305,39 @@ def run_server(grid: Grid, run_config: dict) -> dict:
         answered, updates, stats, dropped, extra = (train_secure if secure_on else train_plain)(round_number, groups)
         arrived = sum(len(groups.get(p, [])) for p in answered)
         require_clients(arrived, config.min_clients, round_number, len(selected), dropped)
-        aggregator = Aggregator(global_state, config.item_embedding_aggregation)
+        aggregator = make_aggregator(global_state, config.aggregation, config.item_embedding_aggregation,
+                                     config.trim_fraction)
+        screen = UpdateScreen(global_state, aggregator, config.clip_norm, round_number)
         received, losses, samples = [], {}, 0
-        for update in updates:
-            aggregator.merge(update.sums, update.row_weight, update.total)
+        sources = answered if len(answered) == len(updates) else [None] * len(updates)  # SecAgg+: one sum
+        for partition, update in zip(sources, updates):
+            for user, state, count in update.each:  # robust aggregation / clipping: each client's update
+                screen.offer(user, state, count)
+            if not update.each:  # a partition's sums (FedAvg): checked as a whole
+                reason = check_update(global_state, update.sums) if update.total > 0 else None
+                if reason is not None:
+                    source = {"partition": int(partition)} if partition is not None else {"nodes": "SecAgg+ sum"}
+                    screen.rejected.append({**source, "reason": reason})
+                    _say(f"round {round_number}: rejected the update of {source}: {reason}")
+                    continue
+                aggregator.merge(update.sums, update.row_weight, update.total)
+                screen.accepted += update.total > 0
             received += update.prototypes
             samples += update.samples
             for key, value in update.losses.items():
                 losses[key] = losses.get(key, 0.0) + value
         note("train", round_number, stats, time.time() - tick, dropped, **extra)
-        global_state = server_optimizer.step(global_state, aggregator.result())
+        global_state = server_optimizer.step(global_state, screen.result())
         load_state(model, global_state)
         prototypes = merge_prototypes(config, received, round_number, prototypes)
         train_seconds = time.time() - tick
         entry = round_entry(round_number, arrived, samples, losses, model, train_seconds)
         if dropped:  # as the in-process runner: the sampled clients whose updates did not arrive
             entry["dropped"] = sorted(u for d in dropped for u in groups.get(d["partition"], []))
+        if screen.rejected:
+            entry["rejected"] = screen.rejected
+        if config.clip_norm > 0:
+            entry["clipped"] = int(screen.clipped)
         seconds = train_seconds
         if round_number % config.eval_every == 0 or round_number == config.num_rounds:
             tick = time.time()

@@ -176,11 +176,12 @@ class UR4RecV2MoE(nn.Module):
     def auxiliary(self, items: torch.Tensor, memory_visual: torch.Tensor | None,
                   memory_text: torch.Tensor | None, target_visual: torch.Tensor | None = None,
                   target_text: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
-                  dedupe: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  dedupe: bool = True, tables: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per (user, candidate) auxiliary score term, router weights and load-balance loss.
 
         items ``[B, C]``; memory ``[B, K, Dv]`` / ``[B, K, Dt]``; returns ``bonus [B, C]``,
-        ``weights [B, C, 2]`` and a scalar. All zero when there is no memory.
+        ``weights [B, C, 2]`` and a scalar. All zero when there is no memory. ``tables``
+        (:meth:`projected_tables`) are the candidates' projections, precomputed for every item.
         """
         batch, cands = items.shape
         zero = items.new_zeros((batch, cands), dtype=torch.float)
@@ -198,8 +199,10 @@ class UR4RecV2MoE(nn.Module):
         # router logits) are then computed once, on one row, and broadcast over the users
         if batch > 1 and items.stride(0) == 0 and target_visual is None and target_text is None:
             items = items[:1]
-        tgt_vis, has_tvis = self._item_side(items, self.item_visual, target_visual, self.proj_visual, dedupe)
-        tgt_txt, _ = self._item_side(items, self.item_text, target_text, self.proj_text, dedupe)
+        tables = tables or {}
+        tgt_vis, has_tvis = self._item_side(items, self.item_visual, target_visual, self.proj_visual, dedupe,
+                                            tables.get("visual"))
+        tgt_txt, _ = self._item_side(items, self.item_text, target_text, self.proj_text, dedupe, tables.get("text"))
 
         target_emb = self.sasrec.item_emb(items)
         vis = self.vis_ln(self.visual_expert(tgt_vis, mem_vis, usable_vis))
@@ -218,8 +221,22 @@ class UR4RecV2MoE(nn.Module):
         load_balance = (2.0 * (usage ** 2).sum() - 1.0) * (both.sum() > 0).float()  # 0 at an even split
         return bonus, weights, load_balance
 
+    def projected_tables(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every item's projected visual and text features (zero when missing) and their presence.
+
+        Training scores ``B x (L + N)`` lookups per client and step; when the catalogue is smaller
+        than that, projecting the table once is cheaper, and the ``[B, L + N, 1280]`` gathered raw
+        features (the largest tensor of a Stage 3 step, kept for the backward pass) never exist.
+        """
+        out = {}
+        for name, table, proj in (("visual", self.item_visual, self.proj_visual), ("text", self.item_text, self.proj_text)):
+            present = _present(table)
+            out[name] = (proj(table) * present.unsqueeze(-1), present)
+        return out
+
     def _item_side(self, items: torch.Tensor, table: torch.Tensor, given: torch.Tensor | None,
-                   proj: nn.Module, dedupe: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   proj: nn.Module, dedupe: bool = True,
+                   projected: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected candidate features (zero when missing) and their presence, ``[B, C, D]``, ``[B, C]``.
 
         ``given`` features are per (row, candidate) and used as given, never swapped for another
@@ -234,6 +251,8 @@ class UR4RecV2MoE(nn.Module):
             present = _present(given)
             projected = proj(given) * present.unsqueeze(-1)
             return projected.expand(*items.shape, -1), present.expand(items.shape)
+        if projected is not None:  # precomputed for every item (projected_tables)
+            return projected[0][items], projected[1][items]
         if not dedupe:
             features = self._lookup(table, items, proj[0].in_features)
             present = _present(features)
@@ -289,10 +308,14 @@ class UR4RecV2MoE(nn.Module):
             neg_emb = neg_emb.detach()
         pos_logit = (hidden * pos_emb).sum(-1)
         neg_logit = torch.einsum("bld,bnd->bln", hidden, neg_emb)
+        tables = None
+        if (memory_visual is not None or memory_text is not None) and 0 < self.num_items <= \
+                positives.numel() + negatives.numel():
+            tables = self.projected_tables()  # one projection of the catalogue serves both calls
         pos_bonus, pos_w, lb_pos = self.auxiliary(positives, memory_visual, memory_text,
-                                                  memory_mask=memory_mask, dedupe=False)
+                                                  memory_mask=memory_mask, dedupe=False, tables=tables)
         neg_bonus, _, lb_neg = self.auxiliary(negatives, memory_visual, memory_text,
-                                              memory_mask=memory_mask, dedupe=False)
+                                              memory_mask=memory_mask, dedupe=False, tables=tables)
         pos_logit = pos_logit + pos_bonus
         neg_logit = neg_logit + neg_bonus.unsqueeze(1)
         neg_logit = neg_logit.masked_fill(negatives.unsqueeze(1) == positives.unsqueeze(-1), float("-inf"))
