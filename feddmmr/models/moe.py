@@ -66,14 +66,17 @@ class MemoryAttention(nn.Module):
         self.heads = heads
         self.q, self.k, self.v, self.out = (nn.Linear(hidden, hidden) for _ in range(4))
 
-    def forward(self, query: torch.Tensor, memory: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
-        """``query`` may be ``[1, C, D]`` (the same candidates for every row): projected once, broadcast."""
+    def forward(self, query: torch.Tensor, memory: torch.Tensor, usable: torch.Tensor,
+                projected: torch.Tensor | None = None) -> torch.Tensor:
+        """``query`` may be ``[1, C, D]`` (the same candidates for every row): projected once, broadcast.
+        ``projected`` is ``self.q(query)`` when the caller has it already (per item, gathered)."""
         batch, (cands, hidden) = memory.shape[0], query.shape[1:]
         split = lambda x: x.view(x.shape[0], x.shape[1], self.heads, hidden // self.heads).transpose(1, 2)
         # rows without a usable entry attend to everything and are zeroed by the router weight;
         # explicit attention (K is small) because SDPA has no vmap batching rule on CPU
         mask = (usable | ~usable.any(1, keepdim=True))[:, None, None, :]
-        q, k, v = split(self.q(query)), split(self.k(memory)), split(self.v(memory))
+        q = split(self.q(query) if projected is None else projected)
+        k, v = split(self.k(memory)), split(self.v(memory))
         weights = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf")).softmax(-1)
         return self.out((weights @ v).transpose(1, 2).reshape(batch, cands, hidden))
 
@@ -205,12 +208,14 @@ class UR4RecV2MoE(nn.Module):
         tgt_txt, _ = self._item_side(items, self.item_text, target_text, self.proj_text, dedupe, tables.get("text"))
 
         target_emb = self.sasrec.item_emb(items)
-        vis = self.vis_ln(self.visual_expert(tgt_vis, mem_vis, usable_vis))
-        sem = self.sem_ln(self.semantic_expert(target_emb, mem_txt, usable_txt))
+        per_item = {key: tables[key][items] for key in ("visual_query", "semantic_query", "router") if key in tables}
+        vis = self.vis_ln(self.visual_expert(tgt_vis, mem_vis, usable_vis, per_item.get("visual_query")))
+        sem = self.sem_ln(self.semantic_expert(target_emb, mem_txt, usable_txt, per_item.get("semantic_query")))
 
         available = torch.stack([has_tvis & usable_vis.any(1, keepdim=True),
                                  usable_txt.any(1, keepdim=True).expand(-1, cands)], dim=-1)
-        logits = torch.where(available, self.router(torch.cat([tgt_vis, tgt_txt], dim=-1)), -1e4)
+        router = per_item["router"] if "router" in per_item else self.router(torch.cat([tgt_vis, tgt_txt], dim=-1))
+        logits = torch.where(available, router, -1e4)
         weights = torch.softmax(logits, dim=-1) * available
         aux = weights[..., :1] * vis + weights[..., 1:] * sem
         bonus = self.gating_weight * (aux * target_emb).sum(-1)
@@ -221,17 +226,22 @@ class UR4RecV2MoE(nn.Module):
         load_balance = (2.0 * (usage ** 2).sum() - 1.0) * (both.sum() > 0).float()  # 0 at an even split
         return bonus, weights, load_balance
 
-    def projected_tables(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Every item's projected visual and text features (zero when missing) and their presence.
+    def projected_tables(self) -> dict:
+        """Every item-only term of :meth:`auxiliary`, once per item: the projected visual and text
+        features (zero when missing) with their presence, the experts' queries, the router logits.
 
-        Training scores ``B x (L + N)`` lookups per client and step; when the catalogue is smaller
-        than that, projecting the table once is cheaper, and the ``[B, L + N, 1280]`` gathered raw
-        features (the largest tensor of a Stage 3 step, kept for the backward pass) never exist.
+        Training scores ``B x (L + N)`` (row, candidate) pairs per client and step; when the
+        catalogue is smaller than that, computing these per item and gathering is cheaper, and
+        the ``[B, L + N, 1280]`` gathered raw features (the largest tensor of a Stage 3 step,
+        kept for the backward pass) never exist.
         """
         out = {}
         for name, table, proj in (("visual", self.item_visual, self.proj_visual), ("text", self.item_text, self.proj_text)):
             present = _present(table)
             out[name] = (proj(table) * present.unsqueeze(-1), present)
+        out["visual_query"] = self.visual_expert.q(out["visual"][0])
+        out["semantic_query"] = self.semantic_expert.q(self.sasrec.item_emb.weight)
+        out["router"] = self.router(torch.cat([out["visual"][0], out["text"][0]], dim=-1))
         return out
 
     def _item_side(self, items: torch.Tensor, table: torch.Tensor, given: torch.Tensor | None,
