@@ -1,20 +1,21 @@
 """Poisoned updates on ML-1M: test HR@10 of each aggregator under each attack, against clean runs.
 
     .venv/bin/python bench/robustness.py --data ../shared/data/ml-1m [--quick] [--threads 1]
-        [--rounds 10] [--top-users 1000] [--seed 0] [--preset stage1_tuned] [--attack-fraction 0.1]
+        [--rounds 10] [--top-users 1000] [--seeds 0 1 2] [--preset stage1_tuned] [--attack-fraction 0.1]
         [--attack-scale 10] [--trim-fraction 0.1] [--aggregators fedavg trimmed_mean median]
         [--attacks none scale sign_flip nan scale:100] [--out bench/results/robustness] [--set key=value ...] [--force]
 
-Every (aggregator, attack) pair is one Stage 1 federated run (the preset, ``--rounds`` rounds, one
-seed). ``attack=none`` is the clean run of that aggregator. Attacks are injected in-process
+Every (aggregator, attack, seed) is one Stage 1 federated run (the preset, ``--rounds`` rounds).
+``attack=none`` is the clean run of that aggregator and seed. Attacks are injected in-process
 (``feddmmr/federation/faults.py``): each round a seeded ``--attack-fraction`` of the sampled
 clients send ``scale`` (delta x ``--attack-scale``), ``sign_flip`` (delta x -``--attack-scale``) or
 ``nan`` (all NaN; update validation rejects these, with every aggregator); ``KIND:S`` uses the
 factor ``S`` instead of ``--attack-scale`` (e.g. ``scale:100``). Reported: test split,
 sampled protocol (1 + 100), at the best validation round; relative HR@10 loss vs the clean run of
-the same aggregator and vs clean FedAvg (negative = better than clean).
+the same aggregator and seed, and vs clean FedAvg of the same seed (negative = better than clean);
+with several seeds, mean ± std over the seeds of these paired losses.
 
-Writes ``<out>/<aggregation>_<attack>[_x<S>].json`` per run (skipped when present with the same config,
+Writes ``<out>/<aggregation>_<attack>[_x<S>]_seed<k>.json`` per run (skipped when present with the same config,
 unless ``--force``), ``<out>/robustness.json`` (all runs + machine) and ``<out>/robustness.md``
 (the table, also printed). ``--quick``: a smoke test, top 100 users, 2 rounds, output in
 ``bench/results/robustness_quick``; its numbers are not results.
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help=f"smoke test: top {QUICK_USERS} users, {QUICK_ROUNDS} rounds")
     p.add_argument("--top-users", type=int, default=None, help=f"default 1000 (--quick: {QUICK_USERS})")
     p.add_argument("--rounds", type=int, default=None, help=f"default 10 (--quick: {QUICK_ROUNDS})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0], help="default 0")
     p.add_argument("--preset", default="stage1_tuned", help="Stage 1 preset (its num_rounds is replaced by --rounds)")
     p.add_argument("--attack-fraction", type=float, default=0.1)
     p.add_argument("--attack-scale", type=float, default=10.0)
@@ -99,18 +101,18 @@ def attack_label(spec: str, args: argparse.Namespace) -> str:
     return {"scale": f"scale (x{factor:g})", "sign_flip": f"sign_flip (x{-factor:g})"}.get(kind, kind)
 
 
-def run_name(aggregation: str, spec: str) -> str:
+def run_name(aggregation: str, spec: str, seed: int) -> str:
     kind, factor = parse_attack(spec)
-    return f"{aggregation}_{kind}" + ("" if factor is None else f"_x{factor:g}")
+    return f"{aggregation}_{kind}" + ("" if factor is None else f"_x{factor:g}") + f"_seed{seed}"
 
 
-def run_config(aggregation: str, spec: str, args: argparse.Namespace):
+def run_config(aggregation: str, spec: str, seed: int, args: argparse.Namespace):
     from feddmmr.config import apply_overrides, load_preset, parse_sets
 
     attack, factor = parse_attack(spec)
     config = load_preset(args.preset)
     apply_overrides(config, parse_sets(args.set), "--set")
-    apply_overrides(config, {"num_rounds": args.rounds, "seed": args.seed, "aggregation": aggregation,
+    apply_overrides(config, {"num_rounds": args.rounds, "seed": seed, "aggregation": aggregation,
                              "trim_fraction": args.trim_fraction, "attack": attack,
                              "attack_fraction": args.attack_fraction,
                              "attack_scale": args.attack_scale if factor is None else factor}, "bench")
@@ -118,14 +120,14 @@ def run_config(aggregation: str, spec: str, args: argparse.Namespace):
     return config
 
 
-def run_one(aggregation: str, attack: str, args: argparse.Namespace, data, data_info: dict) -> dict:
+def run_one(aggregation: str, attack: str, seed: int, args: argparse.Namespace, data, data_info: dict) -> dict:
     """One federated run (or its finished JSON); returns its record."""
     from feddmmr.federation import checkpoint as ckpt
     from feddmmr.runner import run_federated
 
-    name = run_name(aggregation, attack)
+    name = run_name(aggregation, attack, seed)
     path, directory = args.out / f"{name}.json", args.out / "runs" / name
-    config = run_config(aggregation, attack, args)
+    config = run_config(aggregation, attack, seed, args)
     existing = read_json(path)
     if existing is not None and not args.force:
         keys = differing(existing.get("config"), config.to_dict())
@@ -144,7 +146,7 @@ def run_one(aggregation: str, attack: str, args: argparse.Namespace, data, data_
     with contextlib.redirect_stdout(sys.stderr):  # the runner prints its result lines
         history = run_federated(config, data, directory, resume=resume, progress=not args.no_progress,
                                 data_info=data_info)
-    record = {"name": name, "aggregation": aggregation, "attack": attack, "config": config.to_dict(),
+    record = {"name": name, "aggregation": aggregation, "attack": attack, "seed": seed, "config": config.to_dict(),
               "final": history["final"], "best_round": history["best_round"], "rounds": len(history["rounds"]),
               "rejected": sum(len(r.get("rejected", [])) for r in history["rounds"]),
               "attackers": sum(len(r.get("attackers", [])) for r in history["rounds"]),
@@ -163,16 +165,28 @@ def relative_loss(value: float, reference: float) -> float:
     return (reference - value) / reference if reference else float("nan")
 
 
-def table(records: dict[tuple[str, str], dict], args: argparse.Namespace, info: dict, data_info: dict) -> str:
+def mean_std(values: list[float], fmt: str) -> str:
+    """``mean ± std`` (sample std) over seeds; one value alone is printed as is."""
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ± {format(statistics.stdev(values), fmt.lstrip('+'))}"
+
+
+def table(records: dict[tuple[str, str, int], dict], args: argparse.Namespace, info: dict, data_info: dict) -> str:
     hr = {key: r["final"]["test_sampled"]["HR@10"] for key, r in records.items()}
-    clean_fedavg = hr.get(("fedavg", "none"))
+    seeds = args.seeds
     lines = [
         "# Robust aggregation under attack",
         "",
         f"ML-1M, the {data_info['users']} most active users; Stage 1 preset `{args.preset}` with "
-        f"**num_rounds={args.rounds}** (instead of the preset's rounds, to fit the machine), seed {args.seed}. "
+        f"**num_rounds={args.rounds}** (instead of the preset's rounds, to fit the machine), "
+        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}. "
         "**Test split**, **sampled protocol** (target vs 100 negatives), model at the best validation round "
-        "(validation NDCG@10, sampled).",
+        "(validation NDCG@10, sampled)." + (" Mean ± std over the seeds; a relative loss is computed per seed "
+                                             "against the clean run of the same seed (paired)." if len(seeds) > 1 else ""),
         f"Attackers: each round a seeded {args.attack_fraction:.0%} of the sampled clients; `scale (xS)` = "
         "update delta x S, `sign_flip (x-S)` = delta x -S, `nan` = all-NaN update (rejected "
         f"by validation). `trimmed_mean` drops {args.trim_fraction:g} at each end per coordinate."
@@ -182,17 +196,24 @@ def table(records: dict[tuple[str, str], dict], args: argparse.Namespace, info: 
         f"commit {info['commit']}, {info['date']}, load average {info['load_avg']} at the start.",
         "",
         "| aggregation | attack | test HR@10 | test NDCG@10 | rel. loss vs clean (same aggregation) "
-        "| rel. loss vs clean fedavg | rejected updates | best round |",
+        "| rel. loss vs clean fedavg | rejected updates | best rounds |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for (aggregation, attack), r in records.items():
-        test = r["final"]["test_sampled"]
-        clean = hr.get((aggregation, "none"))
-        own = "-" if attack == "none" or clean is None else f"{relative_loss(test['HR@10'], clean):+.1%}"
-        versus = "-" if clean_fedavg is None or (aggregation, attack) == ("fedavg", "none") \
-            else f"{relative_loss(test['HR@10'], clean_fedavg):+.1%}"
-        lines.append(f"| {aggregation} | {attack_label(attack, args)} | {test['HR@10']:.4f} | {test['NDCG@10']:.4f} | {own} | {versus} "
-                     f"| {r['rejected']}/{r['clients']} | {r['best_round']} |")
+    for aggregation in args.aggregators:
+        for attack in args.attacks:
+            runs = [(seed, records[(aggregation, attack, seed)]) for seed in seeds]
+            own = [relative_loss(hr[(aggregation, attack, s)], hr[(aggregation, "none", s)]) for s, _ in runs]
+            versus = [relative_loss(hr[(aggregation, attack, s)], hr[("fedavg", "none", s)]) for s, _ in runs
+                      if ("fedavg", "none", s) in hr]
+            test = [r["final"]["test_sampled"] for _, r in runs]
+            rejected = sum(r["rejected"] for _, r in runs)
+            clients = sum(r["clients"] for _, r in runs)
+            lines.append(
+                f"| {aggregation} | {attack_label(attack, args)} | {mean_std([t['HR@10'] for t in test], '.4f')} "
+                f"| {mean_std([t['NDCG@10'] for t in test], '.4f')} "
+                f"| {'-' if attack == 'none' else mean_std(own, '+.1%')} "
+                f"| {'-' if (aggregation, attack) == ('fedavg', 'none') else mean_std(versus, '+.1%')} "
+                f"| {rejected}/{clients} | {', '.join(str(r['best_round']) for _, r in runs)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -214,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("machine %s; data %s", json.dumps(info), json.dumps(data_info))
     started = time.time()
     records = {}
-    for attack in args.attacks:  # clean runs first: every row's reference exists early
-        for aggregation in args.aggregators:
-            records[(aggregation, attack)] = run_one(aggregation, attack, args, data, data_info)
-    records = {(g, a): records[(g, a)] for g in args.aggregators for a in args.attacks}
+    for seed in args.seeds:
+        for attack in args.attacks:  # clean runs first: every row's reference exists early
+            for aggregation in args.aggregators:
+                records[(aggregation, attack, seed)] = run_one(aggregation, attack, seed, args, data, data_info)
     text = table(records, args, info, data_info)
     (args.out / "robustness.md").write_text(text)
     ckpt.write_json(args.out / "robustness.json", {"machine": info, "data": data_info, "args": {
