@@ -66,15 +66,12 @@ OFFLINE_ENV = {
 
 log = logging.getLogger("bench.quality")
 
-# The "no memory" ablation. lt_capacity=0 is not usable: LocalMemory._write evicts from an empty LT
-# (ValueError: zero-size array to reduction operation maximum). A novelty threshold above the largest
-# possible novelty (1 - cos <= 2) means no item is ever written to the LT memory, so retrieval returns
-# the memory_top_k most recent distinct items of the ST window, and no prototypes exist or travel.
-NO_MEMORY = {"novelty_threshold": 3.0, "use_prototypes": False}
-NO_MEMORY_NOTE = ("LT memory off: novelty_threshold=3 (novelty = 1 - cos <= 2, so nothing is ever written "
-                  "to the long-term memory) and use_prototypes=false; the experts read the memory_top_k "
-                  "most recent distinct items of the short-term window. (lt_capacity=0 crashes in "
-                  "LocalMemory._write, and lt_capacity=1 would still keep one long-term item.)")
+# The "no memory" ablation: no long-term memory, so no prototypes either; retrieval returns the
+# memory_top_k most recent distinct items of the short-term window.
+NO_MEMORY = {"lt_capacity": 0, "use_prototypes": False}
+NO_MEMORY_NOTE = ("LT memory off: lt_capacity=0 (nothing is ever written to the long-term memory) and "
+                  "use_prototypes=false; the experts read the memory_top_k most recent distinct items of the "
+                  "short-term window.")
 
 
 # --------------------------------------------------------------------------- the methods

@@ -74,7 +74,7 @@ class TrainConfig:
     use_text: bool = True
     memory_top_k: int = 20
     st_window: int = 50
-    lt_capacity: int = 200
+    lt_capacity: int = 200  # 0: no long-term memory (the experts read the short-term window only)
     novelty_threshold: float = -1.0  # < 0: per-client quantile below
     novelty_quantile: float = 0.9
     duplicate_threshold: float = 0.74
@@ -158,7 +158,7 @@ RANGES: dict[str, Range] = {
     "max_seq_len": POSITIVE, "moe_num_heads": POSITIVE, "dropout": Range(0, 1, open_high=True),
     "gating_init": NON_NEGATIVE, "contrastive_lambda": NON_NEGATIVE, "load_balance_lambda": NON_NEGATIVE,
     "contrastive_temperature": STRICTLY_POSITIVE, "memory_top_k": POSITIVE, "st_window": POSITIVE,
-    "lt_capacity": POSITIVE, "novelty_threshold": Range(None, 1), "novelty_quantile": FRACTION,
+    "lt_capacity": NON_NEGATIVE, "novelty_threshold": Range(None, 1), "novelty_quantile": FRACTION,
     "duplicate_threshold": Range(-1, 1), "recency_half_life": STRICTLY_POSITIVE, "recency_weight": FRACTION,
     "st_fraction": FRACTION, "num_prototypes": POSITIVE, "num_global_prototypes": POSITIVE,
     "client_dropout": Range(0, 1, open_high=True), "min_clients": POSITIVE,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 
 import numpy as np
 import pytest
 import torch
 
+from feddmmr.federation import checkpoint as ckpt
 from feddmmr.federation.client import ClientUpdate, ItemContent, LocalTrainer, build_clients, training_windows
 from feddmmr.federation.memory import ItemSpace, MemoryConfig
 from feddmmr.federation.server import ITEM_EMBEDDING_KEY, aggregate, aggregate_prototypes, sample_clients
@@ -154,6 +157,15 @@ def test_fixed_gate_is_neither_trained_nor_sent(tmp_path):
     update = trainer.train(clients[1], fed.model.group_state(config.transmitted_groups), seed=0)
     assert "gating_weight" not in update.state
     assert float(trainer.model.gating_weight) == config.gating_init
+
+
+def test_a_federation_without_long_term_memory_shares_no_prototypes(tmp_path):
+    data = tiny_dataset(tmp_path)
+    config = tiny_config(3, lt_capacity=0, num_rounds=1, trainable_groups=["item_embedding", "backbone", "projectors",
+                                                                           "experts", "router", "gate"])
+    history = run_federated(config, data, tmp_path / "run", tiny_features(tmp_path), progress=False)
+    assert all(math.isfinite(r["losses"]["next_item"]) for r in history["rounds"])
+    assert not (tmp_path / "run" / ckpt.BEST_PROTOTYPES_FILE).exists()
 
 
 def test_fedprox_pulls_the_local_model_toward_the_global_one(tmp_path):

@@ -88,6 +88,14 @@ def test_retrieval_share_of_recent_items_grows_with_drift():
     assert len(set(drifting.retrieve().tolist()) & recent) > 2  # more than the 25 % base share
 
 
+def test_without_long_term_memory_retrieval_is_the_recent_window():
+    space = axis_space(12)
+    memory = LocalMemory(MemoryConfig(st_window=4, top_k=6, lt_capacity=0), space, threshold=-1.0)
+    memory.observe(np.arange(1, 11))
+    assert len(memory.lt_items) == 0 and memory.writes == 0 and memory.drift() == 0.0
+    assert memory.retrieve().tolist() == [10, 9, 8, 7, 0, 0]  # the ST window, most recent first
+
+
 def test_items_without_features_are_never_written():
     space = space_from_vectors([[1, 0], [0, 0], [0, 1]])
     memory = LocalMemory(MemoryConfig(st_window=3), space, threshold=0.1)

@@ -6,6 +6,7 @@
   an LT entry (``cos >= duplicate_threshold``) raises that entry's frequency instead; when
   full, the entry with the lowest utility ``w * recency + (1 - w) * frequency`` expires
   (recency halves every ``recency_half_life`` steps, frequency is relative to the largest).
+  ``lt_capacity = 0`` turns the LT memory off (the "no long-term memory" ablation).
 * Retrieval: ``top_k`` item ids, a share from ST (the most recent) and the rest from LT
   ranked by similarity to the ST centroid; the ST share grows with drift (ST centroid moving
   away from the LT centroid).
@@ -91,6 +92,8 @@ class LocalMemory:
 
     def _write(self, item: int, step: int) -> None:
         cfg = self.config
+        if cfg.lt_capacity == 0:  # no long-term memory
+            return
         if len(self.lt_items):
             sims = self.space.similarity[item, self.lt_items]
             best = int(sims.argmax())
