@@ -390,6 +390,21 @@ def test_projecting_the_whole_catalogue_gives_the_per_lookup_scores_and_gradient
         torch.testing.assert_close(g1[name], g2[name], msg=name)
 
 
+def test_dropout_keeps_each_value_with_probability_1_minus_p_and_rescales():
+    from feddmmr.models.sasrec import Dropout
+
+    drop = Dropout(0.25)
+    x = torch.ones(200_000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(float(kept.float().mean()) - 0.75) < 0.005
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.75))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the kept values only, rescaled
+    drop.eval()
+    assert drop(x) is x
+
+
 # ---------------------------------------------------------------------------------------- router masking
 def test_candidate_without_poster_gets_no_visual_weight():
     model = make_model().eval()

