@@ -2,8 +2,11 @@
 
     .venv/bin/python bench/quality.py --data ../shared/data/ml-1m [--quick] [--seeds 0 1 2]
         [--out bench/results/quality] [--features features/ml-1m] [--only NAME ...] [--set key=value ...]
-        [--epochs 10] [--stage1-preset stage1_backbone] [--stage3-preset stage3_skip_stage2]
-        [--stage2-preset stage2_alignment] [--stage3-after2-preset stage3_moe] [--force]
+        [--epochs 10] [--stage1-preset stage1_tuned] [--stage3-preset stage3_tuned]
+        [--stage2-preset stage2_alignment] [--stage3-after2-preset stage3_tuned] [--force]
+
+The defaults are the pipeline's presets (``feddmmr pipeline``); the seed's own schedule is
+``--stage1-preset stage1_backbone --stage3-preset stage3_skip_stage2 --stage3-after2-preset stage3_moe``.
 
 Methods (``--only`` names), each trained/scored once per seed:
 
@@ -113,10 +116,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="config override for every trained run (repeatable)")
     p.add_argument("--top-users", type=int, default=None, help=f"default 1000 (--quick: {QUICK_USERS})")
     p.add_argument("--epochs", type=int, default=None, help="centralized epochs (default 10, --quick 1)")
-    p.add_argument("--stage1-preset", default="stage1_backbone")
+    p.add_argument("--stage1-preset", default="stage1_tuned")
     p.add_argument("--stage2-preset", default="stage2_alignment")
-    p.add_argument("--stage3-preset", default="stage3_skip_stage2", help="Stage 3 after Stage 1 (1->3 and ablations)")
-    p.add_argument("--stage3-after2-preset", default="stage3_moe", help="Stage 3 after Stage 2 (1->2->3)")
+    p.add_argument("--stage3-preset", default="stage3_tuned", help="Stage 3 after Stage 1 (1->3 and ablations)")
+    p.add_argument("--stage3-after2-preset", default="stage3_tuned", help="Stage 3 after Stage 2 (1->2->3)")
     p.add_argument("--force", action="store_true", help="rerun runs whose JSON exists")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice; 1 can be faster on a busy machine)")
