@@ -96,6 +96,21 @@ def test_a_partial_aggregate_survives_the_reply_and_merges_like_direct_aggregati
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
 
 
+def test_each_client_update_survives_the_reply_and_a_miscounted_reply_is_refused():
+    states = [{ITEM_EMBEDDING_KEY: torch.randn(4, 2), "w": torch.randn(3), "gate": torch.tensor(0.5)} for _ in range(3)]
+    each = [(3, states[0], 10), (6, states[1], 0), (9, states[2], 7)]
+    update = core.NodeUpdate({}, None, 0.0, [], {"next_item": 1.5}, 17, 3, each)
+    content = msgs.update_to_content(update)
+    back = msgs.content_to_update(content)
+    assert [(u, n) for u, _, n in back.each] == [(3, 10), (6, 0), (9, 7)]
+    for (_, state, _), (_, original, _) in zip(back.each, each):
+        assert state.keys() == original.keys()
+        assert all(torch.equal(state[k], original[k]) and state[k].dtype == original[k].dtype for k in state)
+    content["each-info"]["samples"] = [10, 0]
+    with pytest.raises(ValueError, match="per-client updates disagree in count"):
+        msgs.content_to_update(content)
+
+
 def test_evaluation_requests_and_results_round_trip():
     requests = core.final_requests()
     content = msgs.evaluate_content({"w": torch.ones(2)}, torch.eye(3), requests)
