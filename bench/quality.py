@@ -94,6 +94,12 @@ METHODS = {
                   NO_MEMORY, True),
     "fixed_gate": ("FedDMMR 1->3, gate fixed", "federated", "stage3_preset", "fedsasrec", {"fix_gate": True}, True),
 }
+# The seed project's own figures (its README; SPEC §6): reported, not reproduced; its protocol's
+# negatives and users are not ours, so they sit beside the table rather than in it.
+SEED_FIGURES = {
+    "seed project, Stage 1 (reported)": {"HR@5": "0.249", "HR@10": "0.388", "HR@20": "0.558", "NDCG@10": "0.209"},
+    "seed project, Stage 3 (claimed)": {"HR@5": "~0.30", "HR@10": "~0.45-0.50", "HR@20": "~0.65", "NDCG@10": "~0.28"},
+}
 QUICK_ROUNDS = {1: 3, 2: 2, 3: 2}
 QUICK_EPOCHS = 1
 QUICK_USERS = 100
@@ -366,6 +372,9 @@ def results_table(records: dict[str, list[dict]], args: argparse.Namespace, info
         for protocol in ("sampled", "full"):
             cells = " | ".join(mean_std([r["final"][f"test_{protocol}"][m] for r in runs]) for m in METRIC_NAMES)
             lines.append(f"| {METHODS[name][0]} | {protocol} | {len(runs)} | {best} | {cells} | {seconds:.0f} |")
+    for label, figures in SEED_FIGURES.items():  # beside ours, as the seed's README gives them
+        cells = " | ".join(figures.get(m, "-") for m in METRIC_NAMES)
+        lines.append(f"| {label} | its sampled protocol | - | - | {cells} | - |")
     lines += ["", "Per-run JSON (config, all final metrics, validation curve, seconds): "
               f"`{Path(args.out)}/<name>_seed<k>.json`. Validation curves (first seed): "
               f"`{Path(args.out)}/validation_curves.png`."]
