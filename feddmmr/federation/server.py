@@ -140,6 +140,21 @@ class UpdateScreen:
         self.accepted += 1
         return True
 
+    def offer_sum(self, source: dict, sums: dict[str, torch.Tensor], row_weight: torch.Tensor | None,
+                  total: float) -> bool:
+        """Merge a pre-aggregated sum (a Flower node's partition, FedAvg only) if it is valid; ``source``
+        names it in the rejection record (e.g. ``{"partition": 2}``). Empty sums (no samples) pass."""
+        if total <= 0:
+            return True
+        reason = check_update(self.global_state, sums)
+        if reason is not None:
+            self.rejected.append({**source, "reason": reason})
+            log.warning("round %s: rejected the update of %s: %s", self.round, source, reason)
+            return False
+        self.aggregator.merge(sums, row_weight, total)
+        self.accepted += 1
+        return True
+
     def result(self) -> dict[str, torch.Tensor]:
         if self.accepted == 0 and self.rejected:
             raise RuntimeError(f"round {self.round}: every client update was rejected "

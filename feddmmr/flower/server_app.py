@@ -36,7 +36,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from ..evaluation import format_metrics
-from ..federation.server import UpdateScreen, check_update, make_aggregator, sample_clients
+from ..federation.server import UpdateScreen, make_aggregator, sample_clients
 from ..runner import make_server_optimizer, setup
 from . import messages as msgs
 from . import secure
@@ -314,14 +314,10 @@ def run_server(grid: Grid, run_config: dict) -> dict:
             for user, state, count in update.each:  # robust aggregation / clipping: each client's update
                 screen.offer(user, state, count)
             if not update.each:  # a partition's sums (FedAvg): checked as a whole
-                reason = check_update(global_state, update.sums) if update.total > 0 else None
-                if reason is not None:
-                    source = {"partition": int(partition)} if partition is not None else {"nodes": "SecAgg+ sum"}
-                    screen.rejected.append({**source, "reason": reason})
-                    _say(f"round {round_number}: rejected the update of {source}: {reason}")
+                source = {"partition": int(partition)} if partition is not None else {"nodes": "SecAgg+ sum"}
+                if not screen.offer_sum(source, update.sums, update.row_weight, update.total):
+                    _say(f"round {round_number}: rejected the update of {source}: {screen.rejected[-1]['reason']}")
                     continue
-                aggregator.merge(update.sums, update.row_weight, update.total)
-                screen.accepted += update.total > 0
             received += update.prototypes
             samples += update.samples
             for key, value in update.losses.items():
