@@ -21,7 +21,7 @@ rounding; sample totals and row weights are integers and are rounded back exactl
 What travels in the clear (see docs/flower.md): per node, its wall/start-up seconds and how it
 got its client data; with prototypes enabled, the users' prototype centroids (the algorithm's
 abstract memory is clustered by k-means on the server, which needs the points, not their sum).
-Robust aggregators (median, trimmed mean) need the individual updates and are refused.
+Robust aggregators (median, trimmed mean) and server-side clipping need the individual updates and are refused.
 """
 
 from __future__ import annotations
