@@ -212,6 +212,11 @@ class LocalTrainer:
     batches simply stops updating. This removes the per-client overhead of small batches
     (a 10-window client is a tiny forward) without changing the algorithm. One model is
     shared by every client of the process: no per-client copies of the model.
+
+    ``client_batch`` clients share a vmapped step. 8 beat 16 on ML-1M (1,000 users, 100 clients,
+    1 thread): a Stage 1 round 2.6 s vs 3.0 s (idle machine); a Stage 3 round 19.6 s vs 21.6 s
+    with a peak of 3.0 GB vs 4.9 GB (the two run side by side). Larger groups spill the caches
+    and hold more activations.
     """
 
     betas = (0.9, 0.999)
@@ -219,7 +224,7 @@ class LocalTrainer:
     align_items = 128  # items per step for the InfoNCE alignment
 
     def __init__(self, model: UR4RecV2MoE, config, content: ItemContent, item_pool: np.ndarray,
-                 client_batch: int = 16):
+                 client_batch: int = 8):
         self.model, self.config, self.content = model, config, content
         self.item_pool = torch.from_numpy(np.asarray(item_pool, dtype=np.int64))
         self.client_batch = max(1, int(client_batch))
