@@ -9,7 +9,6 @@ After the last round the best model is scored once on the test split, both proto
 from __future__ import annotations
 
 import copy
-import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -121,18 +120,6 @@ def eval_memory(clients: dict[int, ClientData], split: str, num_users: int, use_
 
 def make_server_optimizer(config: TrainConfig) -> ServerOptimizer:
     return ServerOptimizer(config.server_optimizer, config.server_learning_rate, config.server_momentum)
-
-
-def release_memory() -> None:
-    """Hand freed heap back to the OS after a round (glibc ``malloc_trim``; a no-op elsewhere).
-
-    A round's vmapped steps allocate gigabytes that glibc otherwise keeps: a Stage 3 process at
-    1,000 users stayed at 4.3 GB between rounds instead of 0.7 GB, which decides how many runs
-    fit on one machine."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def client_seed(seed: int, round_number: int, user: int) -> int:
@@ -250,7 +237,6 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
         if config.use_memory and config.use_prototypes:
             centers = aggregate_prototypes(received, config.num_global_prototypes, config.seed + round_number)
             prototypes = torch.from_numpy(centers) if centers is not None else prototypes
-        release_memory()
         train_seconds = time.time() - tick
         entry = {"round": round_number, "clients": len(updates),
                  "samples": int(sum(clients[u].num_samples for u, _ in updates)),

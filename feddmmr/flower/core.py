@@ -36,7 +36,7 @@ from ..federation.client import ClientData, LocalTrainer, build_clients, pack_cl
 from ..federation.memory import MemoryConfig
 from ..federation.server import ROBUST, Aggregator, ServerOptimizer, aggregate_prototypes
 from ..models import UR4RecV2MoE
-from ..runner import SELECT_METRIC, client_seed, memory_scorer, plot_history, release_memory, setup
+from ..runner import SELECT_METRIC, client_seed, memory_scorer, plot_history, setup
 from ..safeio import load_npy
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,6 @@ class NodeRuntime:
                 received.append((user, update.prototypes))
             for key, value in update.metrics.items():
                 losses[key] = losses.get(key, 0.0) + value
-        release_memory()
         sums, row_weight, total = aggregator.partial()
         return NodeUpdate(sums, row_weight, total, received, losses,
                           int(sum(self.clients[u].num_samples for u in users)), len(users), each)
