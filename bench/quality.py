@@ -51,6 +51,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -321,12 +322,14 @@ def run_one(name: str, seed: int, args: argparse.Namespace, data, data_info: dic
 
 # --------------------------------------------------------------------------- the report
 
-def mean_std(values: list[float]) -> str:
-    import numpy as np
-
+def mean_std(values: list[float], fmt: str = ".4f") -> str:
+    """``mean ± std`` (sample std, n-1) over seeds; one value alone as is; none as ``-``."""
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ± {format(statistics.stdev(values), fmt.lstrip('+'))}"
 
 
 def results_table(records: dict[str, list[dict]], args: argparse.Namespace, info: dict, data_info: dict) -> str:

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from feddmmr.config import ATTACKS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import OFFLINE_ENV, REPO, differing, machine, read_json  # noqa: E402
+from quality import OFFLINE_ENV, REPO, differing, machine, mean_std, read_json  # noqa: E402
 
 log = logging.getLogger("bench.robustness")
 
@@ -163,16 +162,6 @@ def run_one(aggregation: str, attack: str, seed: int, args: argparse.Namespace, 
 def relative_loss(value: float, reference: float) -> float:
     """(reference - value) / reference: 0.05 = 5 % worse than the reference."""
     return (reference - value) / reference if reference else float("nan")
-
-
-def mean_std(values: list[float], fmt: str) -> str:
-    """``mean ± std`` (sample std) over seeds; one value alone is printed as is."""
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return format(mean, fmt)
-    return f"{format(mean, fmt)} ± {format(statistics.stdev(values), fmt.lstrip('+'))}"
 
 
 def table(records: dict[tuple[str, str, int], dict], args: argparse.Namespace, info: dict, data_info: dict) -> str:

@@ -222,9 +222,9 @@ class NodeRuntime:
         aggregator = Aggregator(global_state, cfg.item_embedding_aggregation)
         seeds = [client_seed(cfg.seed, round_number, u) for u in users]
         updates = self.trainer.train_many([self.clients[u] for u in users], global_state, seeds, prototypes)
-        received, losses, each = [], {}, []
+        received, losses, each, send_each = [], {}, [], sends_each_update(cfg)
         for user, update in zip(users, updates):
-            if sends_each_update(cfg):
+            if send_each:
                 each.append((user, update.state, int(update.num_samples)))
             else:
                 aggregator.add(update.state, update.num_samples)
