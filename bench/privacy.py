@@ -41,14 +41,13 @@ PRESET = "stage1_tuned"
 
 def update_norms(config, data) -> list[float]:
     """L2 norms of the first round's client updates from the initial model (what ``dp_clip_norm`` bounds)."""
-    from feddmmr.federation.client import LocalTrainer, build_clients
+    from feddmmr.engine.assemble import assemble, client_seed
     from feddmmr.federation.server import sample_clients, update_norm
-    from feddmmr.runner import client_seed, setup
 
-    fed = setup(config, data)
-    trainer = LocalTrainer(copy.deepcopy(fed.model), config, fed.content, data.occurring_items())
+    fed = assemble(config, data)
+    trainer = fed.trainer()
     users = sample_clients(data.num_users, config.client_fraction, config.seed, 1)
-    clients = build_clients(data, config.max_seq_len, None, None, users, config.seed)
+    clients = fed.build_clients(users)
     state = fed.model.group_state(config.transmitted_groups)
     updates = trainer.train_many([clients[int(u)] for u in users], state,
                                  [client_seed(config.seed, 1, int(u)) for u in users])

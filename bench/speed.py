@@ -55,7 +55,6 @@ from quality import OFFLINE_ENV, REPO, ensure_features, machine  # noqa: E402
 
 log = logging.getLogger("bench.speed")
 
-STAGE_PRESETS = {1: "stage1_backbone", 3: "stage3_skip_stage2"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -153,13 +152,13 @@ def measure(data_path: str, users: int, stage: int, rounds: int, out: str, featu
 
     if threads:
         torch.set_num_threads(threads)
-    from feddmmr.config import apply_overrides, load_preset, parse_sets
+    from feddmmr.config import apply_overrides, load_preset, parse_sets, stage_preset
     from feddmmr.data.dataset import load_dataset
     from feddmmr.runner import run_federated
 
     timings = _Timings()
     _instrument(timings)
-    config = load_preset(STAGE_PRESETS[stage])
+    config = load_preset(stage_preset(stage))
     config.num_rounds = rounds
     apply_overrides(config, parse_sets(sets), "--set")
     config.seed, config.top_users = seed, users
@@ -222,11 +221,13 @@ def summary_row(result: dict) -> list[str]:
 
 
 def speed_table(results: list[dict], args: argparse.Namespace, info: dict, load_after: str) -> str:
+    from feddmmr.config import stage_preset
+
     lines = [
         "# Federated round speed",
         "",
         "ML-1M, top N users; presets "
-        + ", ".join(f"Stage {s} `{p}`" for s, p in STAGE_PRESETS.items() if s in args.stages)
+        + ", ".join(f"Stage {s} `{stage_preset(s)}`" for s in args.stages)
         + f", {args.rounds} round(s) each, seed {args.seed}; per-round columns are means over rounds 2.. (round 1 "
         "carries the warm-up and has its own column; with one round, that round)"
         + (f", `--set {' '.join(args.set)}`" if args.set else "") + ". Stage 3 starts from the Stage 1 run "

@@ -16,23 +16,22 @@ import torch
 
 from .config import TrainConfig
 from .data.dataset import SequenceDataset
-from .evaluation import evaluate, format_metrics
-from .federation import checkpoint as ckpt
-from .federation.client import build_clients
-from .federation.memory import MemoryConfig
-from .runner import SELECT_METRIC, eval_memory, final_scores, memory_scorer, plot_history, setup
+from .engine.assemble import LocalClients, assemble
+from .engine.loop import finish
+from .engine.run_dir import RunDir, run_config_payload
+from .evaluation import VALIDATION_BATCH, format_metrics
 
 log = logging.getLogger(__name__)
 
 
 def run_centralized(config: TrainConfig, data: SequenceDataset, out_dir: Path, epochs: int,
                     features_dir: Path | None = None, init_dir: Path | None = None) -> dict:
+    """Train ``epochs`` passes over the pooled windows; the run directory as a federated run writes it
+    (one epoch per round entry, no resume point)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fed = setup(config, data, features_dir, init_dir)
-    model = fed.model
-    memory_config = MemoryConfig.from_train_config(config) if config.use_memory else None
-    clients = build_clients(data, config.max_seq_len, memory_config, fed.space, seed=config.seed)
+    assembly = assemble(config, data, features_dir, init_dir)
+    model = assembly.model
+    clients = assembly.build_clients()
     inputs = np.concatenate([c.inputs for c in clients.values()])
     targets = np.concatenate([c.targets for c in clients.values()])
     memory = np.concatenate([c.memory for c in clients.values()])
@@ -41,40 +40,22 @@ def run_centralized(config: TrainConfig, data: SequenceDataset, out_dir: Path, e
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                  weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    val_memory = eval_memory(clients, "val", data.num_users, config.use_memory)
-    ckpt.write_json(out_dir / ckpt.CONFIG_FILE, {
-        "train": config.to_dict(), "centralized_epochs": epochs,
-        "model": config.model_kwargs(data.num_items, model.visual_dim, model.text_dim),
-        "trained_groups": fed.trained_groups, "init": fed.init_dir, "features": fed.feature_meta,
-        "data": data.stats(), "select_metric": SELECT_METRIC})
-    history: dict = {"rounds": [], "val_metrics": [], "best_round": None, "mode": "centralized"}
-    best = -1.0
+    local = LocalClients(assembly, clients, out_dir / "cache")
+    run_dir = RunDir(out_dir, resume_points=False)
+    run_dir.start(run_config_payload(config, assembly, data.stats(), centralized_epochs=epochs), mode="centralized")
     for epoch in range(1, epochs + 1):
         tick = time.time()
-        losses = pooled_pass(model, optimizer, inputs, targets, memory, fed.content, pool, config, generator)
-        train_seconds = time.time() - tick
-        model.eval()
-        result = evaluate(memory_scorer(model, fed.content, val_memory, None), data, "val", config.eval_protocol,
-                          seed=config.seed, max_len=config.max_seq_len, cache_dir=out_dir / "cache",
-                          num_negatives=config.eval_negatives)
-        history["val_metrics"].append(result)
-        history["rounds"].append({"round": epoch, "losses": {"next_item": float(np.mean(losses))},
-                                  "train_seconds": round(train_seconds, 3), "val_metrics": result,
-                                  "samples": int((targets != 0).sum()),
-                                  "seconds": round(time.time() - tick, 3)})
-        if result[SELECT_METRIC] > best:
-            best = result[SELECT_METRIC]
-            history["best_round"], history["best_val"] = epoch, result
-            ckpt.save_weights(out_dir / ckpt.MODEL_FILE, model.state_dict(), {"epoch": epoch})
-        log.info("epoch %d/%d: loss %.4f, %.1fs | val %s", epoch, epochs, np.mean(losses), train_seconds,
+        losses = pooled_pass(model, optimizer, inputs, targets, memory, assembly.content, pool, config, generator)
+        entry = {"round": epoch, "losses": {"next_item": float(np.mean(losses))},
+                 "train_seconds": round(time.time() - tick, 3), "samples": int((targets != 0).sum())}
+        tick = time.time()
+        result = local.evaluate(model, None, [("val", config.eval_protocol, VALIDATION_BATCH)])[0]
+        run_dir.validated(entry, result, time.time() - tick, model, None)
+        entry["seconds"] = round(entry["train_seconds"] + entry["eval_seconds"], 3)
+        run_dir.end_round(entry, model, None, None)
+        log.info("epoch %d/%d: loss %.4f, %.1fs | val %s", epoch, epochs, np.mean(losses), entry["train_seconds"],
                  format_metrics(result))
-        ckpt.write_json(out_dir / ckpt.HISTORY_FILE, history)
-    model.load_state_dict(ckpt.load_weights(out_dir / ckpt.MODEL_FILE))
-    history["final"] = final_scores(model, fed.content, clients, data, config, None, out_dir / "cache")
-    history["total_seconds"] = round(sum(r["seconds"] for r in history["rounds"]), 2)
-    ckpt.write_json(out_dir / ckpt.HISTORY_FILE, history)
-    plot_history(history, out_dir / "validation_curves.png", "centralized")
-    return history
+    return finish(config, model, local, run_dir, None, "centralized")
 
 
 def pooled_pass(model, optimizer: torch.optim.Optimizer, inputs: np.ndarray, targets: np.ndarray,

@@ -8,15 +8,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .models.groups import PARAM_GROUPS
+
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-STAGE_PRESETS = {
-    1: "stage1_backbone",
-    2: "stage2_alignment",
-    3: "stage3_moe",
-}
 
 
 @dataclass
@@ -224,13 +220,15 @@ def _type_ok(value, kind: str) -> bool:
     return False
 
 
-def validate_config(config: TrainConfig, source: str = "config") -> TrainConfig:
+def validate_config(config: TrainConfig, source: str = "config", *, num_users: int | None = None,
+                    transport: str = "in-process", secure_aggregation: bool = False) -> TrainConfig:
     """Check every key's type, range or choice and the cross-key constraints; one clear ConfigError.
 
-    The one place for config validation: a new key gets its range in RANGES or its choices in CHOICES.
+    The one place for config validation: a new key gets its range in RANGES or its choices in
+    CHOICES. ``num_users`` adds the quorum check (``min_clients`` reachable each round);
+    ``transport="flower"`` refuses what only the in-process runner does (fault injection, DP), and
+    ``secure_aggregation`` what SecAgg+ cannot do (rules that need each update).
     """
-    from .models.moe import PARAM_GROUPS
-
     for spec in dataclasses.fields(TrainConfig):
         name, value, kind = spec.name, getattr(config, spec.name), str(spec.type)
         if not _type_ok(value, kind):
@@ -251,7 +249,69 @@ def validate_config(config: TrainConfig, source: str = "config") -> TrainConfig:
         if config.sasrec_hidden_dim % getattr(config, heads):
             raise ConfigError(f"{source}: config key 'sasrec_hidden_dim' = {config.sasrec_hidden_dim} is not "
                               f"divisible by {heads} = {getattr(config, heads)}")
+    if config.dp_enabled:
+        _check_privacy(config, source)
+    if num_users is not None:
+        _check_quorum(config, source, num_users)
+    if transport == "flower":
+        _check_flower(config, source, secure_aggregation)
     return config
+
+
+def _check_privacy(config: TrainConfig, source: str) -> None:
+    """DP mode: the ``dp_*`` keys together, and nothing that would leak past the noise: ``updated_rows``
+    averaging tells the server which item rows each client changed, and memory prototypes travel
+    un-noised."""
+    if config.dp_noise_multiplier > 0 and config.dp_target_epsilon > 0:
+        raise ConfigError(f"{source}: config keys 'dp_noise_multiplier' and 'dp_target_epsilon' both set: set one "
+                          "(the target epsilon chooses the noise multiplier)")
+    if not config.dp_clip_norm > 0:
+        raise ConfigError(f"{source}: config key 'dp_clip_norm': DP mode needs a positive clipping norm for client "
+                          f"updates (got {config.dp_clip_norm!r})")
+    if config.item_embedding_aggregation != "fedavg":
+        raise ConfigError(f"{source}: config key 'item_embedding_aggregation' = "
+                          f"{config.item_embedding_aggregation!r} reveals which item rows each client updated, "
+                          "which DP does not cover: set item_embedding_aggregation=fedavg in DP mode")
+    if config.use_memory and config.use_prototypes:
+        raise ConfigError(f"{source}: config key 'use_prototypes': memory prototypes would be uploaded without "
+                          "noise, which DP does not cover: set use_prototypes=false in DP mode")
+
+
+def _check_quorum(config: TrainConfig, source: str, num_users: int) -> None:
+    """``min_clients`` must be reachable: at most the number of clients sampled per round."""
+    sampled = clients_per_round(num_users, config.client_fraction)
+    if config.min_clients > sampled:
+        raise ConfigError(f"{source}: min_clients={config.min_clients} exceeds the {sampled} clients sampled per "
+                          f"round (client_fraction={config.client_fraction} of {num_users} users)")
+
+
+def clients_per_round(num_users: int, fraction: float) -> int:
+    """How many clients a round samples: ``round(fraction * users)``, at least one."""
+    return max(1, int(round(fraction * num_users)))
+
+
+def _check_flower(config: TrainConfig, source: str, secure_aggregation: bool) -> None:
+    """Refuse what the Flower path cannot do rather than silently ignore it."""
+    problems = []
+    if config.attack != "none":
+        problems.append(f"attack={config.attack!r} (in-process fault injection)")
+    if config.client_dropout > 0:
+        problems.append("client_dropout > 0 (in-process fault injection; on Flower, stop a SuperNode instead)")
+    if config.dp_enabled:
+        problems.append("differential privacy (dp_noise_multiplier / dp_target_epsilon; in-process only: "
+                        "`feddmmr train --set dp_...`)")
+    if problems:
+        raise ConfigError(f"{source}: the Flower app does not support " + "; ".join(problems)
+                          + "; run it in-process with `feddmmr train`")
+    if secure_aggregation and config.aggregation in ("trimmed_mean", "median"):
+        raise ConfigError(f"{source}: secure_aggregation=true cannot be combined with aggregation="
+                          f"{config.aggregation!r}: SecAgg+ reveals only the sum of the updates, a median or "
+                          "trimmed mean needs each one; use aggregation='fedavg' (or 'fedprox') or "
+                          "secure_aggregation=false")
+    if secure_aggregation and config.clip_norm > 0:
+        raise ConfigError(f"{source}: secure_aggregation=true cannot be combined with clip_norm > 0: the server "
+                          "clips each client's update, and SecAgg+ reveals only their sum; set clip_norm=0 or "
+                          "secure_aggregation=false")
 
 
 def apply_overrides(config: TrainConfig, values: dict, source: str) -> TrainConfig:
@@ -262,31 +322,6 @@ def apply_overrides(config: TrainConfig, values: dict, source: str) -> TrainConf
             raise ConfigError(f"{source}: unknown config key {key!r}")
         setattr(config, key, _coerce(key, value, source))
     return validate_config(config, source)
-
-
-def check_privacy(config: TrainConfig) -> bool:
-    """Check the ``dp_*`` keys together (ranges: ``validate_config``); in DP mode switch off what
-    would leak past the noise (logged).
-
-    Returns whether DP is on. ``updated_rows`` averaging tells the server which item rows each
-    client changed, and memory prototypes travel un-noised: neither is covered by the guarantee.
-    """
-    if not config.dp_enabled:
-        return False
-    if config.dp_noise_multiplier > 0 and config.dp_target_epsilon > 0:
-        raise ConfigError("config keys 'dp_noise_multiplier' and 'dp_target_epsilon' both set: set one "
-                          "(the target epsilon chooses the noise multiplier)")
-    if not config.dp_clip_norm > 0:
-        raise ConfigError("config key 'dp_clip_norm': DP mode needs a positive clipping norm for client updates "
-                          f"(got {config.dp_clip_norm!r})")
-    if config.item_embedding_aggregation != "fedavg":
-        log.warning("DP mode: item_embedding_aggregation %r reveals which item rows each client updated; "
-                    "using plain averaging ('fedavg')", config.item_embedding_aggregation)
-        config.item_embedding_aggregation = "fedavg"
-    if config.use_memory and config.use_prototypes:
-        log.warning("DP mode: memory prototypes would be uploaded without noise; use_prototypes set to false")
-        config.use_prototypes = False
-    return True
 
 
 def load_preset(name_or_path: str | Path) -> TrainConfig:
@@ -305,6 +340,16 @@ def load_preset(name_or_path: str | Path) -> TrainConfig:
     if "preset" not in values:
         config.preset = path.stem
     return config
+
+
+def stage_preset(stage: int, previous_stage: int | None = None) -> str:
+    """The preset a stage runs unless told otherwise: the seed's schedule, where Stage 3 after
+    Stage 2 is ``stage3_moe`` and Stage 3 straight after Stage 1 is ``stage3_skip_stage2``."""
+    if stage == 3:
+        return "stage3_moe" if previous_stage == 2 else "stage3_skip_stage2"
+    if stage not in (1, 2):
+        raise ConfigError(f"stage must be 1, 2 or 3, got {stage!r}")
+    return {1: "stage1_backbone", 2: "stage2_alignment"}[stage]
 
 
 def parse_sets(pairs: list[str]) -> dict:

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 KS = (5, 10, 20)
 PROTOCOLS = ("full", "sampled")
 METRIC_NAMES = tuple(f"{m}@{k}" for m in ("HR", "NDCG") for k in KS) + ("MRR",)
+SELECT_METRIC = "NDCG@10"  # the validation metric that picks a run's best round
+VALIDATION_BATCH = 512  # users per scoring batch while validating each round
+FINAL_REQUESTS = tuple((split, protocol, 256 if protocol == "sampled" else 64)
+                       for split in ("val", "test") for protocol in PROTOCOLS)  # (split, protocol, batch) at the end
 NUM_SAMPLED_NEGATIVES = 100
 
 # score_fn(user_rows [B], input_seq [B, L], items [B, N] or None) -> scores [B, N] or [B, num_items]

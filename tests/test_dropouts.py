@@ -83,7 +83,7 @@ def test_dropped_clients_are_logged_and_not_aggregated(data, tmp_path, monkeypat
 
 def test_too_few_answers_stop_the_run_resumably(data, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(TooFewClients, match="round 1: 3 of 6 sampled clients answered, fewer than min_clients=4"):
+    with pytest.raises(TooFewClients, match=r"round 1: the updates of 3 of 6 sampled clients arrived, fewer than min_clients=4 \(dropped: user "):
         run_federated(tiny_config(1, client_dropout=0.5, min_clients=4), data, out, progress=False)
     assert json.loads((ckpt.resume_dir(out) / "state.json").read_text())["round"] == 0
     # relaxing the quorum is the one change a resume accepts besides num_rounds

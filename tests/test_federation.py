@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from feddmmr.federation import checkpoint as ckpt
-from feddmmr.federation.client import ClientUpdate, ItemContent, LocalTrainer, build_clients, training_windows
+from feddmmr.federation.client import ClientUpdate, LocalTrainer, build_clients, training_windows
 from feddmmr.federation.memory import ItemSpace, MemoryConfig
 from feddmmr.federation.server import ITEM_EMBEDDING_KEY, aggregate, aggregate_prototypes, sample_clients
 from feddmmr.models import CheckpointError
-from feddmmr.runner import restore, run_federated, setup
+from feddmmr.engine.assemble import assemble as setup, restore
+from feddmmr.runner import run_federated
 
 from .fedtools import tiny_config, tiny_dataset, tiny_features
 
@@ -70,7 +71,6 @@ def test_memory_snapshot_holds_only_items_before_the_window(tmp_path):
     data = tiny_dataset(tmp_path)
     features = tiny_features(tmp_path)
     config = tiny_config(stage=3)
-    fed = setup(config, data, features, init_dir=None) if False else None
     from feddmmr.features.store import load_features
 
     text, visual = load_features(features)
@@ -152,11 +152,20 @@ def _comparable(key: str, value: torch.Tensor) -> torch.Tensor:
 
 
 def test_fixed_gate_is_neither_trained_nor_sent(tmp_path):
-    config = tiny_config(3, fix_gate=True)
+    """``fix_gate`` trains exactly as a stage without the gate group: a gate that moved locally would
+    change every other parameter's update, even if the gate itself were never sent."""
+    config = tiny_config(3, fix_gate=True, local_epochs=3, learning_rate=0.05)
     fed, clients, trainer = _trainer(tmp_path, config)
-    update = trainer.train(clients[1], fed.model.group_state(config.transmitted_groups), seed=0)
+    start = {k: v.clone() for k, v in fed.model.group_state(config.transmitted_groups).items()}
+    update = trainer.train(clients[1], start, seed=0)
     assert "gating_weight" not in update.state
-    assert float(trainer.model.gating_weight) == config.gating_init
+    without_gate = tiny_config(3, local_epochs=3, learning_rate=0.05,
+                               trainable_groups=[g for g in config.trainable_groups if g != "gate"])
+    reference = LocalTrainer(fed.model, without_gate, fed.content, fed.data.occurring_items()).train(
+        clients[1], start, seed=0)
+    assert update.state.keys() == reference.state.keys()
+    assert all(torch.equal(update.state[k], reference.state[k]) for k in update.state)
+    assert any(not torch.equal(update.state[k], start[k]) for k in update.state)  # it did train
 
 
 def test_a_federation_without_long_term_memory_shares_no_prototypes(tmp_path):

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from feddmmr.config import ConfigError, load_preset
-from feddmmr.evaluation import METRIC_NAMES, metrics_from_ranks
+from feddmmr.evaluation import FINAL_REQUESTS, METRIC_NAMES, metrics_from_ranks
 from feddmmr.federation import checkpoint as ckpt
 from feddmmr.federation.server import ITEM_EMBEDDING_KEY, Aggregator
 from feddmmr.flower import core, deploy
@@ -112,7 +112,7 @@ def test_each_client_update_survives_the_reply_and_a_miscounted_reply_is_refused
 
 
 def test_evaluation_requests_and_results_round_trip():
-    requests = core.final_requests()
+    requests = list(FINAL_REQUESTS)
     content = msgs.evaluate_content({"w": torch.ones(2)}, torch.eye(3), requests)
     assert msgs.content_to_requests(content) == requests
     assert torch.equal(msgs.record_to_prototypes(content), torch.eye(3))
@@ -214,7 +214,7 @@ def test_a_new_node_process_restores_the_memories_from_context_state(tmp_path):
         sa, sb = a.memory_state.state_dict(), b.memory_state.state_dict()
         assert all(np.array_equal(sa[k], sb[k]) for k in sa)
     # the restored clients train to the same update
-    glob = first.fed.model.group_state(first.config.transmitted_groups)
+    glob = first.assembly.model.group_state(first.config.transmitted_groups)
     one = first.train(users[:3], glob, 1, None)
     two = fresh.train(users[:3], glob, 1, None)
     assert one.total == two.total and all(torch.equal(one.sums[k], two.sums[k]) for k in one.sums)

@@ -650,3 +650,9 @@ def test_seed_constructor_and_inference_call():
     assert torch.isfinite(scores).all() and torch.isfinite(in_batch).all()
     with pytest.raises(ValueError, match="max_seq_len"):
         model.encode(torch.ones(1, 51, dtype=torch.long))
+
+
+def test_a_misspelt_constructor_argument_is_refused_by_name():
+    """Every seed argument is accepted; an unknown one is an error naming it (never silently ignored)."""
+    with pytest.raises(TypeError, match="sasrec_hiden_dim"):
+        UR4RecV2MoE(num_items=10, sasrec_hiden_dim=8)

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from feddmmr.config import ConfigError, check_privacy
+from feddmmr.config import ConfigError
 from feddmmr.federation import privacy
 from feddmmr.federation.client import ClientUpdate, LocalTrainer, build_clients
 from feddmmr.federation.memory import MemoryConfig
-from feddmmr.runner import run_federated, setup
+from feddmmr.engine.assemble import assemble as setup
+from feddmmr.runner import run_federated
 
 from .fedtools import tiny_config, tiny_dataset, tiny_features
 
@@ -242,36 +242,42 @@ def test_epsilon_falls_with_more_noise_and_grows_with_rounds():
 
 # --------------------------------------------------------------------------- the DP config and run
 
-def test_dp_config_is_validated_and_leaky_settings_are_switched_off(caplog):
-    assert check_privacy(tiny_config(1)) is False
+def test_dp_config_is_validated_and_leaky_settings_are_refused():
+    """DP keys are checked together, and a DP config that would leak past the noise is an error
+    naming the key to change (never silently rewritten)."""
+    dp = dict(dp_noise_multiplier=1.0, dp_clip_norm=1.0, item_embedding_aggregation="fedavg")
+    assert tiny_config(1, **dp).dp_enabled
     with pytest.raises(ConfigError, match="dp_clip_norm"):
-        check_privacy(tiny_config(1, dp_noise_multiplier=1.0))
+        tiny_config(1, **{**dp, "dp_clip_norm": 0.0})
     with pytest.raises(ConfigError, match="both set"):
-        check_privacy(tiny_config(1, dp_noise_multiplier=1.0, dp_target_epsilon=2.0, dp_clip_norm=1.0))
+        tiny_config(1, **dp, dp_target_epsilon=2.0)
     with pytest.raises(ConfigError, match="dp_delta"):
-        check_privacy(tiny_config(1, dp_noise_multiplier=1.0, dp_clip_norm=1.0, dp_delta=1.0))
+        tiny_config(1, **dp, dp_delta=1.0)
     with pytest.raises(ConfigError, match="dp_noise_multiplier"):
-        check_privacy(tiny_config(1, dp_noise_multiplier=-1.0))
+        tiny_config(1, dp_noise_multiplier=-1.0)
     with pytest.raises(ConfigError, match="cannot read"):
         tiny_config(1, dp_clip_norm="big")
     with pytest.raises(ConfigError, match="'dp_target_epsilon': 1e-06 is out of reach"):
-        privacy.DifferentialPrivacy.from_config(tiny_config(1, dp_target_epsilon=1e-6, dp_clip_norm=1.0), 12)
-    config = tiny_config(3, dp_noise_multiplier=1.0, dp_clip_norm=1.0, item_embedding_aggregation="updated_rows")
-    with caplog.at_level(logging.WARNING):
-        assert check_privacy(config) is True
-    assert config.item_embedding_aggregation == "fedavg" and config.use_prototypes is False
-    assert "reveals which item rows" in caplog.text and "prototypes" in caplog.text
+        privacy.DifferentialPrivacy.from_config(
+            tiny_config(1, dp_target_epsilon=1e-6, dp_clip_norm=1.0, item_embedding_aggregation="fedavg"), 12)
+    with pytest.raises(ConfigError, match="item_embedding_aggregation=fedavg"):
+        tiny_config(1, **{**dp, "item_embedding_aggregation": "updated_rows"})
+    with pytest.raises(ConfigError, match="use_prototypes=false"):
+        tiny_config(3, **dp)
+    assert tiny_config(3, **dp, use_prototypes=False).dp_enabled
 
 
 def test_the_flower_app_refuses_dp_with_a_clear_message():
     from feddmmr.flower import core
 
-    with pytest.raises(ConfigError, match="in-process runner"):
-        core.train_config({**core.default_app_config(), "dp_noise_multiplier": 1.0, "dp_clip_norm": 1.0})
+    with pytest.raises(ConfigError, match="Flower app does not support differential privacy"):
+        core.train_config({**core.default_app_config(), "dp_noise_multiplier": 1.0, "dp_clip_norm": 1.0,
+                           "item_embedding_aggregation": "fedavg"})
 
 
 def test_a_dp_run_completes_and_reports_epsilon_per_round(world, tmp_path, capsys):
-    config = tiny_config(1, num_rounds=3, dp_target_epsilon=5.0, dp_clip_norm=0.05, dp_delta=1e-3)
+    config = tiny_config(1, num_rounds=3, dp_target_epsilon=5.0, dp_clip_norm=0.05, dp_delta=1e-3,
+                         item_embedding_aggregation="fedavg")
     history = run_federated(config, world["data"], tmp_path / "run", progress=False)
     spent = [r["privacy"]["epsilon"] for r in history["rounds"]]
     assert 0 < spent[0] < spent[1] < spent[2] <= 5.0
@@ -290,7 +296,8 @@ def test_a_dp_run_completes_and_reports_epsilon_per_round(world, tmp_path, capsy
 def test_a_resumed_dp_run_draws_the_same_clients_and_noise(world, tmp_path):
     """Sampling and noise come from (seed, round): a run resumed after round 1 ends like an uninterrupted one."""
     def config(rounds):
-        return tiny_config(1, num_rounds=rounds, dp_noise_multiplier=0.8, dp_clip_norm=0.05, dropout=0.0)
+        return tiny_config(1, num_rounds=rounds, dp_noise_multiplier=0.8, dp_clip_norm=0.05, dropout=0.0,
+                           item_embedding_aggregation="fedavg")
 
     whole = run_federated(config(2), world["data"], tmp_path / "whole", progress=False)
     run_federated(config(1), world["data"], tmp_path / "split", progress=False)

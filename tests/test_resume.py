@@ -97,7 +97,7 @@ def test_a_run_stopped_after_round_k_resumes_to_the_same_parameters_and_metrics(
     with pytest.raises(FileExistsError, match="--resume"):
         run(fed, out)
     # the memories come from the resume point, not from a rebuild
-    monkeypatch.setattr("feddmmr.runner.build_clients", lambda *a, **k: pytest.fail("memories rebuilt on resume"))
+    monkeypatch.setattr("feddmmr.engine.assemble.build_clients", lambda *a, **k: pytest.fail("memories rebuilt on resume"))
     torch.manual_seed(1234)  # whatever happened to the global RNGs in between is undone by the resume point
     np.random.seed(1234)
     history = run(fed, out, resume=True)
@@ -224,9 +224,11 @@ def test_rng_state_round_trips():
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
 
 
-def test_the_flower_server_writes_and_restores_the_same_resume_point(tmp_path):
+def test_the_run_directory_writes_and_restores_the_same_resume_point(tmp_path):
+    """The one run-directory writer (every transport's) restores exactly what it saved, and refuses
+    to resume under another config."""
+    from feddmmr.engine.run_dir import RunDir
     from feddmmr.federation.server import ServerOptimizer
-    from feddmmr.flower.core import RunRecord
     from feddmmr.models import UR4RecV2MoE
 
     def model():
@@ -235,19 +237,19 @@ def test_the_flower_server_writes_and_restores_the_same_resume_point(tmp_path):
                            moe_num_heads=2, visual_dim=4, text_dim=4)
 
     payload = {"train": tiny_config(1).to_dict(), "versions": {"flwr": "x"}}
-    record, trained, optimizer = RunRecord(tmp_path), model(), ServerOptimizer("fedavgm")
-    record.start(payload, None)
+    record, trained, optimizer = RunDir(tmp_path), model(), ServerOptimizer("fedavgm")
+    record.start(payload)
     with torch.no_grad():
         trained.sasrec.pos_emb.weight.add_(1.0)
     optimizer.step(trained.state_dict(), {k: v + 1 for k, v in trained.state_dict().items()})
     entry = {"round": 1, "clients": 2, "losses": {}, "gate": 0.0, "train_seconds": 0.0}
-    record.end_round(entry, 3, trained, torch.ones(2, 8), optimizer, 0.1)
+    record.end_round(entry, trained, optimizer, torch.ones(2, 8))
     with pytest.raises(FileExistsError):
-        RunRecord(tmp_path)
+        RunDir(tmp_path)
     with pytest.raises(ResumeError, match="train.learning_rate"):
-        RunRecord(tmp_path, resume=True).start({**payload, "train": tiny_config(1, learning_rate=0.5).to_dict()}, None)
-    again, restored, restored_optimizer = RunRecord(tmp_path, resume=True), model(), ServerOptimizer("fedavgm")
-    again.start(payload, None)
+        RunDir(tmp_path, resume=True).start({**payload, "train": tiny_config(1, learning_rate=0.5).to_dict()})
+    again, restored, restored_optimizer = RunDir(tmp_path, resume=True), model(), ServerOptimizer("fedavgm")
+    again.start(payload)
     start, prototypes = again.restore(restored, restored_optimizer)
     assert start == 2 and torch.equal(prototypes, torch.ones(2, 8))
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), restored.state_dict().values()))

@@ -169,14 +169,14 @@ def test_out_of_range_robustness_keys_name_the_key(key, value, message):
         tiny_config(1, **{key: value})
 
 
-def test_fedprox_needs_a_positive_mu():
+def test_fedprox_needs_a_positive_mu(tmp_path):
     with pytest.raises(ConfigError, match="'fedprox_mu'.*> 0"):
         tiny_config(1, aggregation="fedprox")
     assert tiny_config(1, aggregation="fedprox", fedprox_mu=0.01).aggregation == "fedprox"
     config = TrainConfig()
     config.aggregation = "fedprox"  # set directly, not through overrides: the runner still refuses it
     with pytest.raises(ConfigError, match="fedprox_mu"):
-        run_federated(config, None, "unused")
+        run_federated(config, tiny_dataset(tmp_path), tmp_path / "unused")
 
 
 # --------------------------------------------------------------------------- injected attacks

@@ -24,7 +24,9 @@ from feddmmr.features import TEXT_FILE
 from feddmmr.features.store import FeatureError, load_features, load_table
 from feddmmr.federation import checkpoint as ckpt
 from feddmmr.models import CheckpointError
-from feddmmr.runner import load_memory_state, restore, run_federated, save_memory_state
+from feddmmr.engine.assemble import restore
+from feddmmr.engine.run_dir import load_memory_state, save_memory_state
+from feddmmr.runner import run_federated
 from feddmmr.safeio import ArrayFileError, load_npy, load_npz
 
 from .fedtools import tiny_config, tiny_dataset, tiny_features
@@ -139,9 +141,9 @@ def test_pickled_global_prototypes_are_refused(tiny_run, tmp_path, marker):
 
 
 def test_a_pickled_memory_state_is_refused_and_a_real_one_round_trips(tmp_path, marker):
-    from feddmmr.federation.client import build_clients
+    from feddmmr.federation.client import build_clients, pack_clients
     from feddmmr.federation.memory import MemoryConfig
-    from feddmmr.runner import setup
+    from feddmmr.engine.assemble import assemble as setup
 
     data = tiny_dataset(tmp_path)
     config = tiny_config(3, trainable_groups=["item_embedding", "backbone", "projectors", "experts", "router",
@@ -149,7 +151,7 @@ def test_a_pickled_memory_state_is_refused_and_a_real_one_round_trips(tmp_path, 
     fed = setup(config, data, tiny_features(tmp_path))
     clients = build_clients(data, config.max_seq_len, MemoryConfig.from_train_config(config), fed.space)
     path = tmp_path / ckpt.MEMORY_FILE
-    save_memory_state(path, clients)
+    save_memory_state(path, pack_clients(clients))
     loaded = load_memory_state(path)
     assert sorted(loaded) == sorted(clients)
     for user, state in loaded.items():

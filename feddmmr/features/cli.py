@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+
+from ..cli_args import add_data_args, emit, int_at_least, load_from_args
+from . import EncoderError
+from .check import feature_check
+from .extract import run_extract
+from .visual_encoder import VISUAL_ENCODERS
 
 log = logging.getLogger("feddmmr")
 
 
 def add_features_parser(sub) -> None:
-    from ..cli import _int_at_least, add_data_args
-    from .visual_encoder import VISUAL_ENCODERS
-
     parser = sub.add_parser(
         "features", help="extract text/visual item features (default) or check them",
         description="extract (default): write text_features.pt and visual_features.pt to --out. "
@@ -38,22 +42,20 @@ def add_features_parser(sub) -> None:
                     help="item<TAB>text file keyed by raw item id (custom datasets; overrides ML-1M texts)")
     ex.add_argument("--modality", choices=["text", "visual", "both"], default="both")
     ex.add_argument("--force", action="store_true", help="recompute even if the input hash matches")
-    ex.add_argument("--text-batch", type=_int_at_least(1), default=64)
-    ex.add_argument("--visual-batch", type=_int_at_least(1), default=32)
-    ex.add_argument("--workers", type=_int_at_least(0), default=None,
+    ex.add_argument("--text-batch", type=int_at_least(1), default=64)
+    ex.add_argument("--visual-batch", type=int_at_least(1), default=32)
+    ex.add_argument("--workers", type=int_at_least(0), default=None,
                     help="DataLoader workers decoding posters (default: 1 if 2+ cores, else 0)")
-    ex.add_argument("--threads", type=_int_at_least(1), default=None, help="torch threads (default: all cores)")
+    ex.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: all cores)")
     ex.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ck = parser.add_argument_group("check")
     ck.add_argument("--features", type=Path, help="feature folder to check")
-    ck.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the random pairs")
+    ck.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the random pairs")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=cmd_features, features_parser=parser)
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from . import EncoderError
-
     try:
         return cmd_check(args) if args.action == "check" else cmd_extract(args)
     except EncoderError as exc:
@@ -62,11 +64,6 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    import os
-
-    from ..cli import emit, load_from_args
-    from .extract import run_extract
-
     if args.out is None:
         args.features_parser.error("extract needs --out DIR")
     workers = args.workers if args.workers is not None else (1 if (os.cpu_count() or 1) > 1 else 0)
@@ -82,9 +79,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ..cli import emit, load_from_args
-    from .check import feature_check
-
     if args.features is None:
         args.features_parser.error("check needs --features DIR")
     data = load_from_args(args)

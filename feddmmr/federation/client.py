@@ -227,8 +227,6 @@ class LocalTrainer:
         self.model, self.config, self.content = model, config, content
         self.item_pool = torch.from_numpy(np.asarray(item_pool, dtype=np.int64))
         self.client_batch = max(1, int(client_batch))
-        if config.local_optimizer not in ("adam", "sgd"):
-            raise ValueError(f"unknown local_optimizer {config.local_optimizer!r}; choose 'adam' or 'sgd'")
         groups = list(config.transmitted_groups)
         model.set_trainable(groups)
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -249,12 +247,6 @@ class LocalTrainer:
         return torch.func.functional_call(self.wrapper, {"model." + k: v for k, v in params.items()},
                                           (inputs, targets, negatives, memory_visual, memory_text, align_items))
 
-    def load_global(self, state: dict[str, torch.Tensor]) -> None:
-        own = self.model.state_dict()
-        with torch.no_grad():
-            for key, value in state.items():
-                own[key].copy_(value)
-
     def train(self, client: ClientData, global_state: dict[str, torch.Tensor], seed: int,
               global_prototypes: torch.Tensor | None = None) -> ClientUpdate:
         return self.train_many([client], global_state, [seed], global_prototypes)[0]
@@ -269,7 +261,7 @@ class LocalTrainer:
         :class:`ClientFailure`; the others' updates come from their single runs (the same
         algorithm, not bitwise the grouped numbers, since dropout masks are drawn per group).
         """
-        self.load_global(global_state)
+        self.model.copy_state_(global_state)
         self.model.train()
         order = sorted(range(len(clients)), key=lambda i: (-len(clients[i].inputs), i))  # similar sizes batch well
         results: list[ClientUpdate | ClientFailure | None] = [None] * len(clients)

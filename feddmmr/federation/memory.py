@@ -19,34 +19,39 @@ whole sequence is a vectorised gather, and only the (few) written items loop in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import TrainConfig
+
 
 MIN_PROTOTYPE_ITEMS = 2  # distinct memory items a shared centroid must average (never one entry verbatim)
 
 
+_DEFAULTS = TrainConfig()  # the memory's settings are the training config's keys (SPEC §4), one source
+
+
 @dataclass(frozen=True)
 class MemoryConfig:
-    st_window: int = 50
-    lt_capacity: int = 200
-    novelty_threshold: float = -1.0  # < 0: use the client's own novelty quantile
-    novelty_quantile: float = 0.9
-    duplicate_threshold: float = 0.74
-    recency_half_life: float = 200.0
-    recency_weight: float = 0.6
-    top_k: int = 20
-    st_fraction: float = 0.25
-    num_prototypes: int = 5
+    """The client memory's settings: the training config's memory keys (``top_k`` is ``memory_top_k``)."""
+
+    st_window: int = _DEFAULTS.st_window
+    lt_capacity: int = _DEFAULTS.lt_capacity
+    novelty_threshold: float = _DEFAULTS.novelty_threshold  # < 0: use the client's own novelty quantile
+    novelty_quantile: float = _DEFAULTS.novelty_quantile
+    duplicate_threshold: float = _DEFAULTS.duplicate_threshold
+    recency_half_life: float = _DEFAULTS.recency_half_life
+    recency_weight: float = _DEFAULTS.recency_weight
+    top_k: int = _DEFAULTS.memory_top_k
+    st_fraction: float = _DEFAULTS.st_fraction
+    num_prototypes: int = _DEFAULTS.num_prototypes
 
     @classmethod
-    def from_train_config(cls, config) -> "MemoryConfig":
-        return cls(config.st_window, config.lt_capacity, config.novelty_threshold, config.novelty_quantile,
-                   config.duplicate_threshold, config.recency_half_life, config.recency_weight,
-                   config.memory_top_k, config.st_fraction, config.num_prototypes)
+    def from_train_config(cls, config: TrainConfig) -> "MemoryConfig":
+        return cls(**{f.name: getattr(config, "memory_top_k" if f.name == "top_k" else f.name) for f in fields(cls)})
 
 
 class ItemSpace:

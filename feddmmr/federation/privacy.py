@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from .server import clip_update
 
 NOISE_STREAM = 0x6450  # separates DP sampling and noise from the other (seed, round) random streams
@@ -127,10 +128,8 @@ class DifferentialPrivacy:
 
     @classmethod
     def from_config(cls, config, num_clients: int) -> "DifferentialPrivacy | None":
-        """None when DP is off. Validates the keys and adjusts settings that would leak (logged)."""
-        from ..config import ConfigError, check_privacy
-
-        if not check_privacy(config):
+        """None when DP is off (the keys themselves are checked by ``validate_config``)."""
+        if not config.dp_enabled:
             return None
         sigma = config.dp_noise_multiplier
         if config.dp_target_epsilon > 0:

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from ..config import AGGREGATIONS
+from ..config import AGGREGATIONS, clients_per_round
 from .memory import kmeans
 
 ITEM_EMBEDDING_KEY = "sasrec.item_emb.weight"
@@ -28,7 +28,7 @@ def sample_clients(num_clients: int, fraction: float, seed: int, round_number: i
     """The clients of a round: a seeded draw, reproducible from (seed, round) alone."""
     if not 0 < fraction <= 1:
         raise ValueError(f"client_fraction must be in (0, 1], got {fraction}")
-    count = max(1, int(round(fraction * num_clients)))
+    count = clients_per_round(num_clients, fraction)
     rng = np.random.default_rng([seed, round_number])
     return np.sort(rng.choice(num_clients, size=count, replace=False))
 

@@ -126,7 +126,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     startup, tick = _startup_seconds(), time.time()
     runtime, users, how = _node(context)
-    results = runtime.evaluate(users, msgs.record_to_state(msg.content[msgs.GLOBAL]),
+    results = runtime.evaluate_users(users, msgs.record_to_state(msg.content[msgs.GLOBAL]),
                                msgs.record_to_prototypes(msg.content), msgs.content_to_requests(msg.content))
     content = msgs.results_to_content(results)
     content[msgs.STATS] = MetricRecord({"client-data": _SOURCE[how], "seconds": time.time() - tick,

@@ -1,12 +1,11 @@
 """The Flower app's plain parts (no ``flwr`` import, so they are tested without Flower).
 
 A node (SuperNode) serves the users of one partition: user ``u`` belongs to partition
-``u % num_partitions``. It builds, once per run and process, what the in-process runner
-builds for everyone (:func:`feddmmr.runner.setup`, the clients, one ``LocalTrainer``), trains
-the sampled users of its partition with the same trainer call and pre-aggregates them
-(``Aggregator.partial``); it scores its own users with the one evaluation loop. The server
-merges the partial aggregates, clusters the prototypes and writes the run directory in the
-in-process runner's format (:class:`RunRecord`).
+``u % num_partitions``. It builds, once per run and process, what the in-process transport
+builds for everyone (:func:`feddmmr.engine.assemble.assemble`, the clients, one ``LocalTrainer``),
+trains the sampled users of its partition with the same trainer call and pre-aggregates them
+(``Aggregator.partial``); it scores its own users with the one evaluation loop. The server runs
+the one round loop (:mod:`feddmmr.engine.loop`) with the nodes as its transport.
 
 The clients' memories never leave the node: they are kept as arrays in the node's
 ``context.state`` (:func:`pack_clients` / :func:`unpack_clients`), so a node process that
@@ -16,7 +15,6 @@ them instead of replaying every user's history.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -28,16 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ConfigError, TrainConfig, apply_overrides, load_preset
+from ..config import ConfigError, TrainConfig, apply_overrides, validate_config
 from ..data.dataset import SequenceDataset, load_dataset
-from ..evaluation import METRIC_NAMES, PROTOCOLS, evaluate, format_metrics
-from ..federation import checkpoint as ckpt
-from ..federation.client import ClientData, LocalTrainer, build_clients, pack_clients, unpack_clients
-from ..federation.memory import MemoryConfig
-from ..federation.server import ROBUST, Aggregator, ServerOptimizer, aggregate_prototypes
-from ..models import UR4RecV2MoE
-from ..runner import SELECT_METRIC, client_seed, memory_scorer, plot_history, setup
-from ..safeio import load_npy
+from ..engine.assemble import LocalClients, assemble, client_seed, stage_config
+from ..evaluation import METRIC_NAMES
+from ..federation.client import pack_clients, unpack_clients
+from ..federation.server import ROBUST, Aggregator
 
 log = logging.getLogger(__name__)
 
@@ -66,46 +60,21 @@ def default_app_config() -> dict:
     return {**{key: "" for key in TRAIN_KEYS}, **APP_KEYS}
 
 
-def stage_preset(stage: int, init: Path | str | None) -> str:
-    """The preset of a stage, as the CLI picks it (Stage 3 after Stage 2 -> stage3_moe)."""
-    if stage == 3:
-        previous = ckpt.read_run_config(Path(init))["train"]["stage"] if init else 1
-        return "stage3_moe" if previous == 2 else "stage3_skip_stage2"
-    if stage not in (1, 2):
-        raise ConfigError(f"run config: stage must be 1, 2 or 3, got {stage!r}")
-    return {1: "stage1_backbone", 2: "stage2_alignment"}[stage]
-
-
 def train_config(run_config: Mapping) -> TrainConfig:
-    """The training config of a run: the preset (``preset`` or the ``stage``'s), then every set key."""
+    """The training config of a run: the preset (``preset`` or the ``stage``'s), then every set key;
+    validated for the Flower transport (and SecAgg+ when ``secure_aggregation`` is on)."""
     unknown = sorted(k for k, v in run_config.items() if k not in TRAIN_KEYS and k not in APP_KEYS and v != "")
     if unknown:
         raise ConfigError(f"run config: unknown key(s) {unknown}")
     stage = run_config.get("stage", "")
-    preset = str(run_config.get("preset") or "")
-    config = load_preset(preset) if preset else load_preset(stage_preset(int(stage or 1), run_config.get("init") or None))
+    config = stage_config(int(stage or 1), run_config.get("init") or None, str(run_config.get("preset") or ""))
     if stage != "" and int(stage) != config.stage:
         raise ConfigError(f"run config: preset {config.preset!r} is for stage {config.stage}, not stage {stage}")
     overrides = {key: run_config[key] for key in TRAIN_KEYS
                  if key not in ("preset", "stage") and run_config.get(key, "") != ""}
     config = apply_overrides(config, overrides, "run config")
-    if config.dp_enabled:
-        raise ConfigError("run config: differential privacy (dp_noise_multiplier / dp_target_epsilon) is only "
-                          "supported by the in-process runner (`feddmmr train --set dp_...`); unset it for Flower")
-    return config
-
-
-def check_supported(config: TrainConfig) -> None:
-    """Refuse what the Flower path cannot do rather than silently ignore it: fault injection is
-    in-process only (on Flower, stop a SuperNode or send a bad reply instead)."""
-    problems = []
-    if config.attack != "none":
-        problems.append(f"attack={config.attack!r} (in-process fault injection)")
-    if config.client_dropout > 0:
-        problems.append("client_dropout > 0 (in-process fault injection; on Flower, stop a SuperNode instead)")
-    if problems:
-        raise ConfigError("run config: the Flower app does not support " + "; ".join(problems)
-                          + "; run it in-process with `feddmmr train`")
+    return validate_config(config, "run config", transport="flower",
+                           secure_aggregation=bool(run_config.get("secure_aggregation", False)))
 
 
 def sends_each_update(config: TrainConfig) -> bool:
@@ -160,22 +129,13 @@ class NodeUpdate:
     each: list[tuple[int, dict[str, torch.Tensor], int]] = field(default_factory=list)  # (user, state, samples)
 
 
-def load_state(model: UR4RecV2MoE, state: Mapping[str, torch.Tensor]) -> None:
-    own = model.state_dict()
-    with torch.no_grad():
-        for key, value in state.items():
-            own[key].copy_(value)
-
-
-class NodeRuntime:
+class NodeRuntime(LocalClients):
     """What a node process builds once per run: the data, the models, one trainer and its clients."""
 
     def __init__(self, config: TrainConfig, data: SequenceDataset, features: Path | None, init: Path | None):
+        super().__init__(assemble(config, data, features, init), {}, None)
         self.config, self.data = config, data
-        self.fed = setup(config, data, features, init)
-        self.memory_config = MemoryConfig.from_train_config(config) if config.use_memory else None
-        self.trainer = LocalTrainer(copy.deepcopy(self.fed.model), config, self.fed.content, data.occurring_items())
-        self.clients: dict[int, ClientData] = {}
+        self.trainer = self.assembly.trainer()
         self.build_seconds = 0.0
 
     @classmethod
@@ -187,9 +147,10 @@ class NodeRuntime:
 
     def memory_signature(self) -> str:
         """What saved memories must match to be reused: the data and the memory settings."""
+        memory_config = self.assembly.memory_config
         return json.dumps({"data": self.data.fingerprint(), "seed": self.config.seed,
                            "max_seq_len": self.config.max_seq_len,
-                           "memory": dataclasses.asdict(self.memory_config) if self.memory_config else None},
+                           "memory": dataclasses.asdict(memory_config) if memory_config else None},
                           sort_keys=True)
 
     def ensure_clients(self, users, saved: Mapping[str, np.ndarray] | None = None,
@@ -199,17 +160,16 @@ class NodeRuntime:
         missing = [int(u) for u in users if int(u) not in self.clients]
         if not missing:
             return "cached", None
-        cfg = self.config
-        if self.memory_config is None:  # no memory: the windows are all there is, cheap to cut
-            self.clients.update(build_clients(self.data, cfg.max_seq_len, None, None, np.asarray(missing), cfg.seed))
+        self._memory_ids.clear()
+        if self.assembly.memory_config is None:  # no memory: the windows are all there is, cheap to cut
+            self.clients.update(self.assembly.build_clients(np.asarray(missing)))
             return "built", None
         if saved and saved_signature == self.memory_signature() and set(missing) <= set(saved["users"].tolist()):
-            self.clients.update(unpack_clients(saved, self.data, cfg.max_seq_len, self.memory_config,
-                                               self.fed.space, missing))
+            self.clients.update(unpack_clients(saved, self.data, self.config.max_seq_len, self.assembly.memory_config,
+                                               self.assembly.space, missing))
             return "restored", None
         tick = time.time()
-        self.clients.update(build_clients(self.data, cfg.max_seq_len, self.memory_config, self.fed.space,
-                                          np.asarray(missing), cfg.seed))
+        self.clients.update(self.assembly.build_clients(np.asarray(missing)))
         self.build_seconds += time.time() - tick
         return "built", pack_clients({int(u): self.clients[int(u)] for u in users})
 
@@ -236,38 +196,16 @@ class NodeRuntime:
         return NodeUpdate(sums, row_weight, total, received, losses,
                           int(sum(self.clients[u].num_samples for u in users)), len(users), each)
 
-    def memory_ids(self, split: str) -> np.ndarray | None:
-        """``[num_users, K]`` memory ids for scoring (rows of other nodes' users stay empty)."""
-        if not self.config.use_memory:
-            return None
-        out = np.zeros((self.data.num_users, self.config.memory_top_k), dtype=np.int64)
-        for user, client in self.clients.items():
-            out[user] = client.eval_memory[split]
-        return out
-
-    def evaluate(self, users, global_state: Mapping[str, torch.Tensor], prototypes: torch.Tensor | None,
-                 requests: list[tuple[str, str, int]]) -> list[dict]:
+    def evaluate_users(self, users, global_state: Mapping[str, torch.Tensor], prototypes: torch.Tensor | None,
+                       requests: list[tuple[str, str, int]]) -> list[dict]:
         """Score ``users`` with the global model: one result per ``(split, protocol, batch_size)``."""
-        cfg = self.config
-        model = self.fed.model
-        load_state(model, global_state)
-        model.eval()
-        users = np.asarray(sorted(int(u) for u in users), dtype=np.int64)
-        return [evaluate(memory_scorer(model, self.fed.content, self.memory_ids(split), prototypes), self.data, split,
-                         protocol, seed=cfg.seed, max_len=cfg.max_seq_len, batch_size=batch_size, users=users,
-                         num_negatives=cfg.eval_negatives)
-                for split, protocol, batch_size in requests]
+        model = self.assembly.model
+        model.copy_state_(global_state)
+        return self.evaluate(model, prototypes, requests, users=np.asarray(sorted(int(u) for u in users),
+                                                                             dtype=np.int64))
 
 
 # --------------------------------------------------------------------------- the server
-
-VALIDATION_BATCH = 512  # evaluate()'s default, as the in-process validation uses it
-
-
-def final_requests() -> list[tuple[str, str, int]]:
-    """The final scoring of the best model, as the in-process runner does it."""
-    return [(split, protocol, 256 if protocol == "sampled" else 64) for split in ("val", "test") for protocol in PROTOCOLS]
-
 
 @dataclass
 class Catalogue:
@@ -275,8 +213,11 @@ class Catalogue:
 
     num_users: int
     num_items: int
-    fingerprint: str
+    digest: str
     stats: dict = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        return self.digest
 
 
 def combine_results(parts: list[dict]) -> dict:
@@ -299,116 +240,3 @@ def combine_results(parts: list[dict]) -> dict:
         else:
             out[key] = value
     return out
-
-
-def merge_prototypes(config: TrainConfig, received: list[tuple[int, np.ndarray]], round_number: int,
-                     current: torch.Tensor | None) -> torch.Tensor | None:
-    """The next global prototypes from the users' centroids (in ascending user order, as in-process)."""
-    if not (config.use_memory and config.use_prototypes):
-        return current
-    ordered = [protos for _, protos in sorted(received, key=lambda pair: pair[0])]
-    centers = aggregate_prototypes(ordered, config.num_global_prototypes, config.seed + round_number)
-    return torch.from_numpy(centers) if centers is not None else current
-
-
-def run_config_payload(config: TrainConfig, fed, data_stats: dict, flower: dict) -> dict:
-    """config.json, as the in-process runner writes it, plus how the Flower run was laid out."""
-    model = fed.model
-    return {
-        "train": config.to_dict(), "model": config.model_kwargs(fed.data.num_items, model.visual_dim, model.text_dim),
-        "trained_groups": fed.trained_groups, "init": fed.init_dir, "features": fed.feature_meta,
-        "data": data_stats, "select_metric": SELECT_METRIC,
-        "versions": {"torch": torch.__version__, **({"flwr": flower["version"]} if "version" in flower else {})},
-        "flower": {k: v for k, v in flower.items() if k != "version"},
-    }
-
-
-class RunRecord:
-    """The run directory, written exactly as ``run_federated`` writes it (see checkpoint.py):
-    config.json, train_history.json, the best model (+ global prototypes), resume/ after every
-    round, validation_curves.png at the end."""
-
-    def __init__(self, out_dir: Path, resume: bool = False):
-        self.out_dir = Path(out_dir)
-        held = ckpt.resume_dir(self.out_dir) is not None
-        if held and not resume:
-            raise FileExistsError(f"{self.out_dir} already holds a run; pass resume=true to continue it, "
-                                  "or choose another out")
-        self.resuming = resume and held
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.history: dict = {}
-        self.best_value = -1.0
-        self.payload: dict = {}
-        self.point: ckpt.ResumePoint | None = None
-
-    def start(self, payload: dict, memory_seconds: float | None) -> None:
-        """Write config.json (after refusing to resume a run started with another config)."""
-        self.payload = payload
-        if self.resuming:
-            self.point = ckpt.load_resume_point(self.out_dir, payload)
-        ckpt.write_json(self.out_dir / ckpt.CONFIG_FILE, payload)
-        self.history = {"rounds": [], "val_metrics": [], "best_round": None, "best_val": None,
-                        "memory_build_seconds": None if memory_seconds is None else round(memory_seconds, 2)}
-
-    def restore(self, model: UR4RecV2MoE, server_optimizer: ServerOptimizer) -> tuple[int, torch.Tensor | None]:
-        """(first round to run, global prototypes) — after loading the last round when resuming."""
-        point = self.point
-        if point is None:
-            return 1, None
-        model.load_state_dict(point.model)
-        server_optimizer.load_state_dict(point.server_optimizer)
-        self.history, self.best_value = point.history, point.best_value
-        ckpt.set_rng_state(point.rng)
-        log.info("resuming %s after round %d", self.out_dir, point.round)
-        return point.round + 1, point.prototypes
-
-    def validated(self, entry: dict, result: dict, seconds: float, model: UR4RecV2MoE,
-                  prototypes: torch.Tensor | None) -> None:
-        entry["val_metrics"] = result
-        entry["eval_seconds"] = round(seconds, 3)
-        self.history["val_metrics"].append(result)
-        if result[SELECT_METRIC] > self.best_value:
-            self.best_value = result[SELECT_METRIC]
-            self.history["best_round"], self.history["best_val"] = entry["round"], result
-            ckpt.save_weights(self.out_dir / ckpt.MODEL_FILE, model.state_dict(), {"round": entry["round"]})
-            if prototypes is not None:
-                ckpt.save_array(self.out_dir / ckpt.BEST_PROTOTYPES_FILE, prototypes.numpy())
-
-    def end_round(self, entry: dict, num_rounds: int, model: UR4RecV2MoE, prototypes: torch.Tensor | None,
-                  server_optimizer: ServerOptimizer, seconds: float) -> str:
-        entry["seconds"] = round(seconds, 3)
-        self.history["rounds"].append(entry)
-        summary = (f"round {entry['round']}/{num_rounds}: {entry['clients']} clients, "
-                   f"loss {entry['losses'].get('next_item', float('nan')):.4f}, gate {entry['gate']:.4f}, "
-                   f"{entry['train_seconds']:.1f}s train")
-        if "val_metrics" in entry:
-            summary += " | val " + format_metrics(entry["val_metrics"])
-        ckpt.write_resume_point(self.out_dir, ckpt.ResumePoint(
-            entry["round"], model.state_dict(), server_optimizer.state_dict(), prototypes, self.best_value,
-            self.history, self.payload, ckpt.rng_state()))
-        ckpt.write_json(self.out_dir / ckpt.HISTORY_FILE, self.history)
-        return summary
-
-    def load_best(self, model: UR4RecV2MoE) -> torch.Tensor | None:
-        model.load_state_dict(ckpt.load_weights(self.out_dir / ckpt.MODEL_FILE))
-        model.eval()
-        path = self.out_dir / ckpt.BEST_PROTOTYPES_FILE
-        return torch.from_numpy(load_npy(path, kind="f", ndim=2)) if path.exists() else None
-
-    def finish(self, final: dict, title: str, extra: dict | None = None) -> dict:
-        self.history["final"] = final
-        self.history["total_seconds"] = round(sum(r["seconds"] for r in self.history["rounds"]), 2)
-        if extra:
-            self.history.update(extra)
-        ckpt.write_json(self.out_dir / ckpt.HISTORY_FILE, self.history)
-        plot_history(self.history, self.out_dir / "validation_curves.png", title)
-        return self.history
-
-
-def round_entry(round_number: int, clients: int, samples: int, losses: dict[str, float], model: UR4RecV2MoE,
-                train_seconds: float, dropped: list[int] | tuple = ()) -> dict:
-    """A round of train_history.json (the in-process runner's keys)."""
-    return {"round": round_number, "clients": int(clients), "samples": int(samples),
-            "losses": {k: v / clients for k, v in losses.items()},
-            "gate": float(model.gating_weight.detach()), "train_seconds": round(train_seconds, 3),
-            "dropped": sorted(int(u) for u in dropped)}

@@ -44,8 +44,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
-from ..config import ConfigError, TrainConfig
-from ..federation.server import ITEM_EMBEDDING_KEY, ROBUST
+from ..federation.server import ITEM_EMBEDDING_KEY
 from .core import NodeUpdate
 
 # The losses a client reports (LocalTrainer metrics); the vector has a slot for each, in this order.
@@ -54,19 +53,6 @@ LOSS_HEADROOM = 16.0  # losses are divided by scale x this: a loss sum may excee
 MODULUS = 2 ** 32  # SecAgg+ mask arithmetic (Flower's maximum)
 SCALE_KEY, CLIPPING_KEY = "secure-scale", "secure-clipping"  # in a train message's config record
 CLEAR_PROTOTYPES = "prototypes-clear"  # a ConfigRecord: SecAgg+ clears every ArrayRecord of the reply
-
-
-def check_compatible(config: TrainConfig) -> None:
-    """SecAgg+ reveals only sums: aggregators that need the individual updates cannot run on it."""
-    aggregation = getattr(config, "aggregation", "fedavg")
-    if aggregation in ROBUST:
-        raise ConfigError(f"run config: secure_aggregation=true cannot be combined with aggregation={aggregation!r}: "
-                          "SecAgg+ reveals only the sum of the updates, a median or trimmed mean needs each one; "
-                          "use aggregation='fedavg' (or 'fedprox') or secure_aggregation=false")
-    if getattr(config, "clip_norm", 0.0) > 0:
-        raise ConfigError("run config: secure_aggregation=true cannot be combined with clip_norm > 0: the server "
-                          "clips each client's update, and SecAgg+ reveals only their sum; set clip_norm=0 or "
-                          "secure_aggregation=false")
 
 
 def quantization_range(nodes: int) -> int:

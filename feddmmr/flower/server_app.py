@@ -35,13 +35,14 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
-from ..evaluation import format_metrics
-from ..federation.server import UpdateScreen, make_aggregator, sample_clients
-from ..runner import make_server_optimizer, setup
+from ..config import TrainConfig, validate_config
+from ..engine.assemble import assemble
+from ..engine.loop import Reply, RoundResult, run_rounds
+from ..engine.run_dir import RunDir, run_config_payload
+from ..models import UR4RecV2MoE
 from . import messages as msgs
 from . import secure
-from .core import (VALIDATION_BATCH, Catalogue, RunRecord, check_supported, combine_results, final_requests, group_by_partition,
-                   load_state, merge_prototypes, path_setting, round_entry, run_config_payload, train_config)
+from .core import Catalogue, combine_results, group_by_partition, path_setting, train_config
 
 log = logging.getLogger("feddmmr.flower")
 
@@ -124,7 +125,7 @@ def discover(grid: Grid, wait: float, poll: float) -> tuple[dict[int, int], list
         time.sleep(max(poll, 0.5))
 
 
-class Federation:
+class Nodes:
     """The nodes of the run (one per partition) and the waves of messages to them. A node that does
     not answer a wave is dropped from it; one that timed out or went offline is *lost* and gets no
     further messages (the run continues without its partition)."""
@@ -175,102 +176,74 @@ class Federation:
         return [reply for reply in replies if reply is not None]
 
 
-def require_clients(arrived: int, minimum: int, round_number: int, sampled: int, dropped: list[dict]) -> None:
-    """Stop the run when fewer than ``min_clients`` sampled clients' updates arrived."""
-    if arrived >= max(minimum, 1):
-        return
-    why = "; ".join(f"partition {d['partition']} (node {d['node']}): {d['reason']}" for d in dropped) or "none"
-    raise NodeError(f"round {round_number}: the updates of {arrived} of {sampled} sampled clients arrived, fewer than "
-                    f"min_clients={minimum}; dropped: {why}")
+class FlowerTransport:
+    """The round loop's transport over the Grid: one train message per partition with sampled users
+    (or a SecAgg+ round over every reachable node), one evaluate message per node."""
 
+    def __init__(self, nodes: Nodes, config: TrainConfig, catalogue: Catalogue, infos: list[dict],
+                 ready_seconds: float, secure_on: bool, clipping: float):
+        self.nodes, self.config, self.catalogue = nodes, config, catalogue
+        self.num_users, self.partitions = catalogue.num_users, len(nodes.nodes)
+        self.secure_on, self.clipping = secure_on, clipping
+        self.client_data = {"built": 0, "restored": 0, "cached": 0}
+        for info in infos:
+            self.client_data[str(info["client-data"])] += 1
+        self.waves: list[dict] = [{
+            "round": 0, "message": "query", "nodes": self.partitions, "seconds": round(ready_seconds, 3),
+            "node_seconds": round(max(float(info["seconds"]) for info in infos), 3),
+            "startup_seconds": round(max(float(info["startup-seconds"]) for info in infos), 3)}]
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    run_server(grid, dict(context.run_config))
-
-
-def run_server(grid: Grid, run_config: dict) -> dict:
-    config = train_config(run_config)
-    timeout = float(run_config.get("round_timeout", 600.0))
-    poll = float(run_config.get("poll_interval", 0.05))
-    secure_on = bool(run_config.get("secure_aggregation", False))
-    clipping = float(run_config.get("secagg_clipping_range", 8.0))
-    if secure_on:
-        secure.check_compatible(config)
-    check_supported(config)
-    out_dir = path_setting("out", run_config) or Path("runs/flower")
-    record = RunRecord(out_dir, bool(run_config.get("resume", False)))
-
-    tick = time.time()
-    nodes, infos = discover(grid, float(run_config.get("node_wait", 120.0)), poll)
-    ready_seconds = time.time() - tick
-    num_partitions = len(nodes)
-    if secure_on and num_partitions < 2:
-        raise NodeError("secure aggregation needs at least 2 nodes (with one, the sum is that node's update)")
-    federation = Federation(grid, nodes, timeout, poll)
-    first = infos[0]
-    catalogue = Catalogue(int(first["num-users"]), int(first["num-items"]), str(first["fingerprint"]),
-                          json.loads(first["stats"]))
-    _say(f"{num_partitions} node(s) ready after {ready_seconds:.1f}s: {catalogue.num_users} users, "
-         f"{catalogue.num_items} item indices, data {catalogue.fingerprint}"
-         + (" | secure aggregation: SecAgg+" if secure_on else ""))
-
-    fed = setup(config, catalogue, path_setting("features", run_config), path_setting("init", run_config))
-    model = fed.model
-    memory_seconds = max(float(info["memory-build-seconds"]) for info in infos) if config.use_memory else 0.0
-    flower = {"version": flwr.__version__, "nodes": num_partitions, "partition": "user % nodes",
-              "data_fingerprint": catalogue.fingerprint, "secure_aggregation": secure_on}
-    record.start(run_config_payload(config, fed, catalogue.stats, flower), memory_seconds)
-    server_optimizer = make_server_optimizer(config)
-    start_round, prototypes = record.restore(model, server_optimizer)
-    global_state = model.group_state(config.transmitted_groups)
-    client_data = {"built": 0, "restored": 0, "cached": 0}
-    names = {0: "cached", 1: "restored", 2: "built"}
-    waves: list[dict] = [{"round": 0, "message": "query", "nodes": num_partitions, "seconds": round(ready_seconds, 3),
-                          "node_seconds": round(max(float(info["seconds"]) for info in infos), 3),
-                          "startup_seconds": round(max(float(info["startup-seconds"]) for info in infos), 3)}]
-    for info in infos:
-        client_data[str(info["client-data"])] += 1
-
-    def note(kind: str, round_number, stats: list, seconds: float, dropped: list[dict], **extra) -> None:
+    def note(self, kind: str, round_number, stats: list, seconds: float, dropped: list[dict], **extra) -> None:
+        """Record a wave: how many nodes answered, how long it and the slowest node took, who dropped."""
+        names = {0: "cached", 1: "restored", 2: "built"}
         for stat in stats:
-            client_data[names[int(stat["client-data"])]] += 1
-        waves.append({"round": round_number, "message": kind, "nodes": len(stats), "seconds": round(seconds, 3),
-                      "node_seconds": round(max((float(stat["seconds"]) for stat in stats), default=0.0), 3),
-                      "startup_seconds": round(max((float(stat["startup-seconds"]) for stat in stats), default=0.0), 3),
-                      **({"dropped": dropped} if dropped else {}), **extra})
+            self.client_data[names[int(stat["client-data"])]] += 1
+        self.waves.append({
+            "round": round_number, "message": kind, "nodes": len(stats), "seconds": round(seconds, 3),
+            "node_seconds": round(max((float(stat["seconds"]) for stat in stats), default=0.0), 3),
+            "startup_seconds": round(max((float(stat["startup-seconds"]) for stat in stats), default=0.0), 3),
+            **({"dropped": dropped} if dropped else {}), **extra})
 
-    def evaluate_all(state, protos, requests, group) -> list[dict]:
-        """Every reachable node scores its users; the results of the nodes that answered, combined."""
+    def train(self, round_number: int, users, global_state: dict[str, torch.Tensor],
+              prototypes: torch.Tensor | None) -> RoundResult:
         tick = time.time()
-        contents = {p: msgs.evaluate_content(state, protos, requests) for p in nodes}
-        replies, dropped = federation.wave(MessageType.EVALUATE, contents, group)
-        if not replies:
-            raise NodeError(f"evaluate {group}: no node answered; dropped: {dropped}")
-        note("evaluate", group, [replies[p].content[msgs.STATS] for p in sorted(replies)], time.time() - tick, dropped)
-        per_node = [msgs.content_to_results(replies[p].content) for p in sorted(replies)]
-        return [combine_results([results[i] for results in per_node]) for i in range(len(requests))]
+        groups = group_by_partition(users, self.partitions)
+        train = self._train_secure if self.secure_on else self._train_plain
+        answered, updates, stats, dropped, extra = train(round_number, groups, global_state, prototypes)
+        self.note("train", round_number, stats, time.time() - tick, dropped, **extra)
+        sources = answered if len(answered) == len(updates) else [None] * len(updates)  # SecAgg+: one sum
+        replies = []
+        for partition, update in zip(sources, updates):
+            source = {"partition": int(partition)} if partition is not None else {"nodes": "SecAgg+ sum"}
+            replies.append(Reply(source, clients=update.each,
+                                 sums=None if update.each else (update.sums, update.row_weight, update.total),
+                                 prototypes=update.prototypes, losses=update.losses, samples=update.samples,
+                                 num_clients=update.clients))
+        lost = {u: f"partition {d['partition']} (node {d['node']}): {d['reason']}"
+                for d in dropped for u in groups.get(d["partition"], [])}
+        return RoundResult(replies, sum(len(groups.get(p, [])) for p in answered), dict(sorted(lost.items())))
 
-    def train_plain(round_number: int, groups: dict[int, list[int]]):
+    def _train_plain(self, round_number: int, groups: dict[int, list[int]], global_state, prototypes):
         contents = {p: msgs.train_content(global_state, round_number, users, prototypes) for p, users in groups.items()}
-        replies, dropped = federation.wave(MessageType.TRAIN, contents, round_number)
+        replies, dropped = self.nodes.wave(MessageType.TRAIN, contents, round_number)
         updates = [msgs.content_to_update(replies[p].content) for p in sorted(replies)]  # partition order
         return sorted(replies), updates, [replies[p].content[msgs.STATS] for p in sorted(replies)], dropped, {}
 
-    def train_secure(round_number: int, groups: dict[int, list[int]]):
+    def _train_secure(self, round_number: int, groups: dict[int, list[int]], global_state, prototypes):
         # every reachable node takes part (with no users it adds zeros): SecAgg+ needs >= 2 of them
-        targets, dropped = federation.reachable(range(num_partitions), f"train {round_number}")
+        nodes, timeout, clipping = self.nodes, self.nodes.timeout, self.clipping
+        targets, dropped = nodes.reachable(range(self.partitions), f"train {round_number}")
         if len(targets) < 2:
             raise NodeError(f"round {round_number}: secure aggregation needs >= 2 reachable nodes, "
                             f"{len(targets)} left; dropped: {dropped}")
-        scale = secure.round_scale(groups, int(catalogue.stats.get("max_seq_len", 1)))
+        scale = secure.round_scale(groups, int(self.catalogue.stats.get("max_seq_len", 1)))
         extra = {secure.SCALE_KEY: scale, secure.CLIPPING_KEY: clipping}
         contents = {node: msgs.train_content(global_state, round_number, groups.get(p, []), prototypes, extra)
                     for p, node in targets.items()}
         partition_of = {node: p for p, node in targets.items()}
         stages = []
         while True:
-            result = secure.secure_round(federation.send_and_receive, contents, round_number, timeout, clipping)
+            result = secure.secure_round(nodes.send_and_receive, contents, round_number, timeout, clipping)
             stages += result.stages
             if result.total is not None or not result.setup_missing or len(targets) - len(result.setup_missing) < 2:
                 break
@@ -280,78 +253,80 @@ def run_server(grid: Grid, run_config: dict) -> dict:
                 silent = node in result.setup_silent
                 reason = "no usable SecAgg+ setup reply" + (f" within {timeout:g}s" if silent else "")
                 if silent:
-                    federation.lost[partition] = f"{reason} in train {round_number}"
-                dropped.append(federation.drop(partition, reason, f"train {round_number}"))
+                    nodes.lost[partition] = f"{reason} in train {round_number}"
+                dropped.append(nodes.drop(partition, reason, f"train {round_number}"))
                 del targets[partition], contents[node]
             _say(f"SecAgg+ halted in round {round_number}; again with partitions {sorted(targets)}")
         answered = sorted(partition_of[node] for node in result.answered)
         reason = "did not complete SecAgg+" + (f" ({'; '.join(result.failures)})" if result.failures else "")
-        dropped += [federation.drop(p, reason, f"train {round_number}") for p in sorted(targets) if p not in answered]
-        extra_info = {"secagg": {"stages": stages, "quantization_range": result.quantization_range,
-                                 "clipping_range": clipping, "scale": scale}}
-        if result.total is None:
-            require_clients(0, config.min_clients, round_number, sum(map(len, groups.values())), dropped)
+        dropped += [nodes.drop(p, reason, f"train {round_number}") for p in sorted(targets) if p not in answered]
+        info = {"secagg": {"stages": stages, "quantization_range": result.quantization_range,
+                           "clipping_range": clipping, "scale": scale}}
+        if result.total is None:  # no sum: no update arrived
+            return [], [], [], dropped, info
         clients = sum(len(groups.get(p, [])) for p in answered)
-        layout = secure.Layout.of(global_state, config.item_embedding_aggregation)
+        layout = secure.Layout.of(global_state, self.config.item_embedding_aggregation)
         update = layout.unpack(result.total, scale, clients)
         update.prototypes = result.prototypes
-        stats = [result.answered[targets[p]] for p in answered]
-        return answered, [update], stats, dropped, extra_info
+        return answered, [update], [result.answered[targets[p]] for p in answered], dropped, info
 
-    for round_number in range(start_round, config.num_rounds + 1):
+    def evaluate(self, model: UR4RecV2MoE, prototypes: torch.Tensor | None, requests, tag) -> list[dict]:
+        """Every reachable node scores its users; the results of the nodes that answered, combined."""
         tick = time.time()
-        selected = sample_clients(catalogue.num_users, config.client_fraction, config.seed, round_number)
-        groups = group_by_partition(selected, num_partitions)
-        answered, updates, stats, dropped, extra = (train_secure if secure_on else train_plain)(round_number, groups)
-        arrived = sum(len(groups.get(p, [])) for p in answered)
-        require_clients(arrived, config.min_clients, round_number, len(selected), dropped)
-        aggregator = make_aggregator(global_state, config.aggregation, config.item_embedding_aggregation,
-                                     config.trim_fraction)
-        screen = UpdateScreen(global_state, aggregator, config.clip_norm, round_number)
-        received, losses, samples = [], {}, 0
-        sources = answered if len(answered) == len(updates) else [None] * len(updates)  # SecAgg+: one sum
-        for partition, update in zip(sources, updates):
-            for user, state, count in update.each:  # robust aggregation / clipping: each client's update
-                screen.offer(user, state, count)
-            if not update.each:  # a partition's sums (FedAvg): checked as a whole
-                source = {"partition": int(partition)} if partition is not None else {"nodes": "SecAgg+ sum"}
-                if not screen.offer_sum(source, update.sums, update.row_weight, update.total):
-                    _say(f"round {round_number}: rejected the update of {source}: {screen.rejected[-1]['reason']}")
-                    continue
-            received += update.prototypes
-            samples += update.samples
-            for key, value in update.losses.items():
-                losses[key] = losses.get(key, 0.0) + value
-        note("train", round_number, stats, time.time() - tick, dropped, **extra)
-        global_state = server_optimizer.step(global_state, screen.result())
-        load_state(model, global_state)
-        prototypes = merge_prototypes(config, received, round_number, prototypes)
-        train_seconds = time.time() - tick
-        entry = round_entry(round_number, arrived, samples, losses, model, train_seconds)
-        if dropped:  # as the in-process runner: the sampled clients whose updates did not arrive
-            entry["dropped"] = sorted(u for d in dropped for u in groups.get(d["partition"], []))
-        if screen.rejected:
-            entry["rejected"] = screen.rejected
-        if config.clip_norm > 0:
-            entry["clipped"] = int(screen.clipped)
-        seconds = train_seconds
-        if round_number % config.eval_every == 0 or round_number == config.num_rounds:
-            tick = time.time()
-            model.eval()
-            result = evaluate_all(global_state, prototypes, [("val", config.eval_protocol, VALIDATION_BATCH)],
-                                  round_number)[0]
-            record.validated(entry, result, time.time() - tick, model, prototypes)
-            seconds += time.time() - tick
-        _say(record.end_round(entry, config.num_rounds, model, prototypes, server_optimizer, seconds))
+        state = model.group_state(self.config.transmitted_groups)
+        contents = {p: msgs.evaluate_content(state, prototypes, requests) for p in self.nodes.nodes}
+        replies, dropped = self.nodes.wave(MessageType.EVALUATE, contents, tag)
+        if not replies:
+            raise NodeError(f"evaluate {tag}: no node answered; dropped: {dropped}")
+        self.note("evaluate", tag, [replies[p].content[msgs.STATS] for p in sorted(replies)], time.time() - tick,
+                  dropped)
+        per_node = [msgs.content_to_results(replies[p].content) for p in sorted(replies)]
+        return [combine_results([results[i] for results in per_node]) for i in range(len(requests))]
 
-    best_prototypes = record.load_best(model)
-    requests = final_requests()
-    results = evaluate_all(model.group_state(config.transmitted_groups), best_prototypes, requests, "final")
-    final = {f"{split}_{protocol}": result for (split, protocol, _), result in zip(requests, results)}
-    lost = [{"partition": p, "node": nodes[p], "reason": why} for p, why in sorted(federation.lost.items())]
-    history = record.finish(final, f"stage {config.stage} ({config.preset}, Flower)",
-                            {"flower": {"nodes": num_partitions, "client_data": client_data, "waves": waves,
-                                        "secure_aggregation": secure_on, "lost": lost}})
-    for key in ("test_sampled", "test_full"):
-        _say(f"best round {history['best_round']} " + format_metrics(final[key]))
-    return history
+    def memory(self) -> None:
+        return None  # the clients' memories never leave the nodes
+
+    def summary(self) -> dict:
+        lost = [{"partition": p, "node": self.nodes.nodes[p], "reason": why} for p, why in sorted(self.nodes.lost.items())]
+        return {"flower": {"nodes": self.partitions, "client_data": self.client_data, "waves": self.waves,
+                           "secure_aggregation": self.secure_on, "lost": lost}}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_server(grid, dict(context.run_config))
+
+
+def run_server(grid: Grid, run_config: dict) -> dict:
+    """The run: wait for every partition's node, then the one round loop with the nodes as transport."""
+    config = train_config(run_config)
+    timeout = float(run_config.get("round_timeout", 600.0))
+    poll = float(run_config.get("poll_interval", 0.05))
+    secure_on = bool(run_config.get("secure_aggregation", False))
+    run_dir = RunDir(path_setting("out", run_config) or Path("runs/flower"), bool(run_config.get("resume", False)))
+
+    tick = time.time()
+    node_ids, infos = discover(grid, float(run_config.get("node_wait", 120.0)), poll)
+    ready_seconds = time.time() - tick
+    if secure_on and len(node_ids) < 2:
+        raise NodeError("secure aggregation needs at least 2 nodes (with one, the sum is that node's update)")
+    first = infos[0]
+    catalogue = Catalogue(int(first["num-users"]), int(first["num-items"]), str(first["fingerprint"]),
+                          json.loads(first["stats"]))
+    validate_config(config, "run config", num_users=catalogue.num_users, transport="flower",
+                    secure_aggregation=secure_on)
+    _say(f"{len(node_ids)} node(s) ready after {ready_seconds:.1f}s: {catalogue.num_users} users, "
+         f"{catalogue.num_items} item indices, data {catalogue.digest}"
+         + (" | secure aggregation: SecAgg+" if secure_on else ""))
+
+    assembly = assemble(config, catalogue, path_setting("features", run_config), path_setting("init", run_config))
+    flower = {"nodes": len(node_ids), "partition": "user % nodes", "data_fingerprint": catalogue.digest,
+              "secure_aggregation": secure_on}
+    run_dir.start(run_config_payload(config, assembly, catalogue.stats, flower=flower,
+                                     versions={"flwr": flwr.__version__}))
+    memory_seconds = max(float(info["memory-build-seconds"]) for info in infos) if config.use_memory else 0.0
+    run_dir.history["memory_build_seconds"] = round(memory_seconds, 2)
+    transport = FlowerTransport(Nodes(grid, node_ids, timeout, poll), config, catalogue, infos, ready_seconds,
+                                secure_on, float(run_config.get("secagg_clipping_range", 8.0)))
+    return run_rounds(config, assembly.model, transport, run_dir, say=_say,
+                      title=f"stage {config.stage} ({config.preset}, Flower)")

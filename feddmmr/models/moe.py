@@ -22,29 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .groups import PARAM_GROUPS, group_of
 from .sasrec import SASRec
-
-PARAM_GROUPS = ("item_embedding", "backbone", "projectors", "experts", "router", "gate")
-_GROUP_OF_PREFIX = {
-    "sasrec.item_emb.": "item_embedding",
-    "sasrec.": "backbone",
-    "proj_visual.": "projectors",
-    "proj_text.": "projectors",
-    "visual_expert.": "experts",
-    "semantic_expert.": "experts",
-    "vis_ln.": "experts",
-    "sem_ln.": "experts",
-    "router.": "router",
-    "gating_weight": "gate",
-}
-
-
-def group_of(name: str) -> str:
-    """The parameter group of a state-dict key (first matching prefix wins)."""
-    for prefix, group in _GROUP_OF_PREFIX.items():
-        if name.startswith(prefix):
-            return group
-    raise KeyError(f"parameter {name!r} belongs to no parameter group")
 
 
 class CheckpointError(ValueError):
@@ -89,7 +68,7 @@ class UR4RecV2MoE(nn.Module):
                  visual_dim: int = 512, text_dim: int = 384, dropout: float = 0.1,
                  gating_init: float = 0.01, contrastive_lambda: float = 0.5,
                  load_balance_lambda: float = 0.01, contrastive_temperature: float = 0.07,
-                 visual_expert_heads: int = 1, **unused):
+                 visual_expert_heads: int = 1):
         super().__init__()
         hidden = sasrec_hidden_dim
         self.num_items, self.hidden, self.max_seq_len = num_items, hidden, max_seq_len
@@ -125,6 +104,13 @@ class UR4RecV2MoE(nn.Module):
     def group_state(self, groups: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
         """The state-dict entries of ``groups`` (what a client transmits)."""
         return {k: v for k, v in self.state_dict().items() if group_of(k) in groups}
+
+    def copy_state_(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy (part of) a state into this model's tensors in place: how a global state enters a model."""
+        own = self.state_dict()
+        with torch.no_grad():
+            for key, value in state.items():
+                own[key].copy_(value)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False, groups=None):
         """Load, validating every expected key by group first (a clear error, never silent garbage).

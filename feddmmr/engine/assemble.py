@@ -1,0 +1,220 @@
+"""A run assembled from its config: data, item content, the global model, the clients' memories.
+
+Every transport (in-process, Flower, centralized) builds its parts here, the same way, so they
+train the same model from the same state; nothing here knows how updates travel.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig, apply_overrides, load_preset, stage_preset
+from ..data.dataset import SequenceDataset
+from ..evaluation import ScoreFn, evaluate
+from ..features.store import load_features
+from ..federation import checkpoint as ckpt
+from ..federation.client import ClientData, ItemContent, LocalTrainer, build_clients, pack_clients
+from ..federation.memory import ItemSpace, MemoryConfig
+from ..federation.server import ServerOptimizer
+from ..models import PARAM_GROUPS, CheckpointError, UR4RecV2MoE
+from ..safeio import load_npy
+
+
+@dataclass
+class Assembly:
+    """Everything a transport needs, built once per run (per node on Flower)."""
+
+    config: TrainConfig
+    data: SequenceDataset  # on the Flower server: what the nodes report (sizes and fingerprint only)
+    model: UR4RecV2MoE  # the global model (server side, used for evaluation)
+    content: ItemContent
+    space: ItemSpace | None
+    memory_config: MemoryConfig | None
+    feature_meta: dict
+    trained_groups: list[str]
+    init_dir: str | None
+
+    def build_clients(self, users: np.ndarray | None = None, progress: bool = False) -> dict[int, ClientData]:
+        """The clients' windows and memories from their histories (all users, or ``users``)."""
+        return build_clients(self.data, self.config.max_seq_len, self.memory_config, self.space, users,
+                             self.config.seed, progress)
+
+    def trainer(self) -> LocalTrainer:
+        """One local trainer on a copy of the global model (clients never touch the server's model)."""
+        return LocalTrainer(copy.deepcopy(self.model), self.config, self.content, self.data.occurring_items())
+
+    def model_kwargs(self) -> dict:
+        return self.config.model_kwargs(self.data.num_items, self.model.visual_dim, self.model.text_dim)
+
+
+def load_content(config: TrainConfig, features_dir: Path | None, num_items: int) -> tuple[ItemContent, dict, int, int]:
+    """Item feature tables for the memory (None for a modality switched off)."""
+    if not config.use_memory:
+        return ItemContent(None, None), {}, 512, 384
+    if features_dir is None:
+        raise ValueError(f"stage {config.stage} reads item features: pass --features DIR "
+                         "(make them with `feddmmr features --data ... --out DIR`)")
+    text, visual = load_features(Path(features_dir))
+    for name, table in (("text", text), ("visual", visual)):
+        if table.features.shape[0] != num_items:
+            raise ValueError(f"{features_dir}: {name} features have {table.features.shape[0]} rows, "
+                             f"the dataset has {num_items} item indices; extract features for this dataset")
+    meta = {"dir": str(features_dir), "text": text.meta, "visual": visual.meta}
+    visual_table = visual.features.float() if config.use_visual else None
+    text_table = text.features.float() if config.use_text else None
+    return ItemContent(visual_table, text_table), meta, visual.dim, text.dim
+
+
+def assemble(config: TrainConfig, data: SequenceDataset, features_dir: Path | None = None,
+             init_dir: Path | None = None) -> Assembly:
+    """The global model (initialised from the seed, then the previous stage's groups) and the item content."""
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    content, meta, visual_dim, text_dim = load_content(config, features_dir, data.num_items)
+    model = UR4RecV2MoE(**config.model_kwargs(data.num_items, visual_dim, text_dim))
+    if config.use_memory:
+        model.set_item_features(content.visual, content.text)
+    frozen = [g for g in PARAM_GROUPS if g not in config.trainable_groups]
+    used = frozen if config.use_memory else [g for g in frozen if g in ("item_embedding", "backbone")]
+    trained = list(config.trainable_groups)
+    if init_dir is not None:
+        held = ckpt.load_init(model, Path(init_dir), required=used)
+        trained = sorted(set(trained) | set(held), key=PARAM_GROUPS.index)
+    elif used:
+        raise CheckpointError(f"stage {config.stage} freezes parameter group(s) {used}: pass --init with the "
+                              "run directory of the previous stage (e.g. a Stage 1 run)")
+    space, memory_config = _memory_parts(config, content)
+    return Assembly(config, data, model, content, space, memory_config, meta, trained,
+                    str(init_dir) if init_dir is not None else None)
+
+
+def _memory_parts(config: TrainConfig, content: ItemContent) -> tuple[ItemSpace | None, MemoryConfig | None]:
+    """The item space and memory settings of a run with memory (both None without)."""
+    if not config.use_memory:
+        return None, None
+    return ItemSpace(content.visual, content.text), MemoryConfig.from_train_config(config)
+
+
+def stage_config(stage: int, init: Path | str | None = None, preset: str | Path | None = None) -> TrainConfig:
+    """The config a stage starts from: ``preset`` (a name or TOML file) or the stage's default
+    preset, where the previous stage is read from the ``init`` run directory."""
+    if not preset:
+        previous = ckpt.read_run_config(Path(init))["train"]["stage"] if init else None
+        preset = stage_preset(stage, previous)
+    return load_preset(preset)
+
+
+def memory_scorer(model: UR4RecV2MoE, content: ItemContent, memory_ids: np.ndarray | None,
+                  prototypes: torch.Tensor | None) -> ScoreFn:
+    """The evaluation scorer: the last position's representation, the users' memory, one scoring rule."""
+
+    def score(users: np.ndarray, seq: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+        hidden = model.encode(seq)[:, -1]
+        memory_visual = memory_text = None
+        if memory_ids is not None:
+            memory_visual, memory_text = content.memory(memory_ids[users], prototypes)
+        if items is None:
+            items = torch.arange(model.num_items).expand(len(users), -1)
+        return model.score(hidden, items, memory_visual, memory_text)
+
+    return score
+
+
+def eval_memory(clients: dict[int, ClientData], split: str, num_users: int, top_k: int,
+                use_memory: bool) -> np.ndarray | None:
+    """``[num_users, K]`` memory ids each user is scored with on ``split`` (rows of absent users stay empty)."""
+    if not use_memory:
+        return None
+    out = np.zeros((num_users, top_k), dtype=np.int64)
+    for user, client in clients.items():
+        out[user] = client.eval_memory[split]
+    return out
+
+
+def make_server_optimizer(config: TrainConfig) -> ServerOptimizer:
+    return ServerOptimizer(config.server_optimizer, config.server_learning_rate, config.server_momentum)
+
+
+def client_seed(seed: int, round_number: int, user: int) -> int:
+    """A client's seed for a round: derived from (seed, round, user) alone, whatever the transport."""
+    return int(np.random.SeedSequence([seed, round_number, user]).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------- using a finished run
+
+@dataclass
+class TrainedRun:
+    """A finished run rebuilt for scoring: its model, config, item content and client memories."""
+
+    model: UR4RecV2MoE
+    config: TrainConfig
+    content: ItemContent
+    clients: dict[int, ClientData]
+    prototypes: torch.Tensor | None
+
+    def scorer(self, split: str) -> ScoreFn:
+        memory_ids = eval_memory(self.clients, split, len(self.clients), self.config.memory_top_k,
+                                 self.config.use_memory)
+        return memory_scorer(self.model, self.content, memory_ids, self.prototypes)
+
+
+def restore(run_dir: Path, data: SequenceDataset, features_dir: Path | None = None) -> TrainedRun:
+    """Load a run directory's best model and rebuild the clients' memories from ``data``."""
+    run_dir = Path(run_dir)
+    model, saved = ckpt.load_model(run_dir)
+    config = apply_overrides(TrainConfig(), saved["train"], str(run_dir / ckpt.CONFIG_FILE))
+    if saved["model"]["num_items"] != data.num_items:
+        raise CheckpointError(f"{run_dir}: the model has {saved['model']['num_items']} item indices, the data "
+                              f"{data.num_items}; pass the dataset (and --top-users) the run was trained on")
+    features_dir = features_dir or (saved.get("features") or {}).get("dir")
+    content, _, _, _ = load_content(config, Path(features_dir) if features_dir else None, data.num_items)
+    if config.use_memory:
+        model.set_item_features(content.visual, content.text)
+    space, memory_config = _memory_parts(config, content)
+    clients = build_clients(data, config.max_seq_len, memory_config, space, seed=config.seed)
+    prototypes = None
+    if (run_dir / ckpt.BEST_PROTOTYPES_FILE).exists():
+        prototypes = torch.from_numpy(load_npy(run_dir / ckpt.BEST_PROTOTYPES_FILE, kind="f", ndim=2))
+    return TrainedRun(model, config, content, clients, prototypes)
+
+
+class LocalClients:
+    """Clients held in this process: scored with the one evaluation loop, their memories packed for disk."""
+
+    def __init__(self, assembly: Assembly, clients: dict[int, ClientData], cache_dir: Path | None,
+                 packed: tuple[dict[str, np.ndarray], str] | None = None):
+        self.assembly, self.clients, self.cache_dir = assembly, clients, cache_dir
+        self.num_users = assembly.data.num_users
+        if packed is None:
+            arrays = pack_clients(clients)
+            packed = (arrays, ckpt.array_digest(arrays)) if arrays else None
+        self.packed = packed
+        self._memory_ids: dict[str, np.ndarray | None] = {}
+
+    def memory_ids(self, split: str) -> np.ndarray | None:
+        if split not in self._memory_ids:
+            config = self.assembly.config
+            self._memory_ids[split] = eval_memory(self.clients, split, self.num_users, config.memory_top_k,
+                                                  config.use_memory)
+        return self._memory_ids[split]
+
+    def evaluate(self, model: UR4RecV2MoE, prototypes: torch.Tensor | None, requests, tag=None,
+                 users: np.ndarray | None = None) -> list[dict]:
+        """One result per ``(split, protocol, batch_size)`` request, over every user (or ``users``)."""
+        config, data = self.assembly.config, self.assembly.data
+        model.eval()
+        return [evaluate(memory_scorer(model, self.assembly.content, self.memory_ids(split), prototypes), data,
+                         split, protocol, seed=config.seed, max_len=config.max_seq_len, batch_size=batch_size,
+                         cache_dir=self.cache_dir, users=users, num_negatives=config.eval_negatives)
+                for split, protocol, batch_size in requests]
+
+    def memory(self) -> tuple[dict[str, np.ndarray], str] | None:
+        return self.packed
+
+    def summary(self) -> dict:
+        return {}

@@ -1,0 +1,95 @@
+"""The main job: features (if missing) -> Stage 1 -> Stage 3 -> popularity -> one test report.
+
+Re-running it resumes an interrupted stage and skips finished ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .baselines import popularity_scorer
+from .config import TrainConfig, apply_overrides, load_preset
+from .data.dataset import SequenceDataset
+from .evaluation import METRIC_NAMES, evaluate, format_metrics
+from .features.extract import run_extract
+from .features.store import FeatureError, load_features
+from .federation.checkpoint import HISTORY_FILE, resume_dir
+from .runner import run_federated
+
+log = logging.getLogger(__name__)
+
+STAGES = (("stage1", "stage1_tuned"), ("stage3", "stage3_tuned"))  # (name, default preset)
+
+
+def stage_configs(presets: tuple[str | None, str | None], overrides: dict, seed: int,
+                  top_users: int | str | None) -> list[tuple[str, TrainConfig]]:
+    """Each stage's config: its preset (or the default), ``overrides`` for both, the seed and user set."""
+    configs = []
+    for (name, default), chosen in zip(STAGES, presets):
+        config = apply_overrides(load_preset(chosen or default), overrides, "--set")
+        config.seed, config.top_users = seed, (None if top_users == "all" else top_users)
+        configs.append((name, config))
+    return configs
+
+
+def ensure_features(data: SequenceDataset, data_path: Path, features: Path, progress: bool) -> dict:
+    """An existing valid feature folder as it is; else extract one."""
+    try:
+        text, visual = load_features(features, data.num_items)
+        return {name: {"status": "existing", "encoder": t.meta["encoder"], "coverage": t.coverage}
+                for name, t in (("text", text), ("visual", visual))}
+    except FeatureError:
+        return run_extract(data, data_path, features, workers=1, progress=progress)
+
+
+def run_pipeline(data: SequenceDataset, data_path: Path, out: Path, features: Path | None,
+                 configs: list[tuple[str, TrainConfig]], seed: int, progress: bool = True) -> dict:
+    """Run every stage into ``out/<preset>`` and write ``report.json`` and ``report.md``; the report."""
+    out.mkdir(parents=True, exist_ok=True)
+    data.save_item_mapping(out / "item_mapping.tsv")
+    stats = data.stats()
+    log.info("data: %s", json.dumps(stats))
+    features = features or out / "features"
+    summary = ensure_features(data, data_path, features, progress)
+    log.info("features: %s", json.dumps({k: {"status": v["status"], "coverage": v.get("coverage")}
+                                          for k, v in summary.items()}))
+    report = {"data": stats, "features": summary, "seed": seed, "runs": {}}
+    for protocol in ("sampled", "full"):
+        result = evaluate(popularity_scorer(data), data, "test", protocol, seed=seed, cache_dir=out / "cache",
+                          num_negatives=configs[0][1].eval_negatives)
+        report["runs"].setdefault("popularity", {})[f"test_{protocol}"] = result
+        print("popularity " + format_metrics(result))
+    previous = None
+    for name, config in configs:
+        run_dir = out / config.preset
+        history_file = run_dir / HISTORY_FILE
+        if history_file.exists() and "final" in json.loads(history_file.read_text()):
+            log.info("%s already finished in %s; skipping (delete the folder to retrain)", name, run_dir)
+        else:
+            run_federated(config, data, run_dir, features if config.use_memory else None, previous,
+                          resume=resume_dir(run_dir) is not None, progress=progress, data_info=stats)
+        history = json.loads(history_file.read_text())
+        report["runs"][config.preset] = {**history["final"], "best_round": history["best_round"],
+                                         "seconds": history.get("total_seconds"), "run_dir": str(run_dir)}
+        previous = run_dir
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown_report(report))
+    print((out / "report.md").read_text())
+    return report
+
+
+def markdown_report(report: dict) -> str:
+    """The pipeline's results table: test split, both protocols, each run's best validation round."""
+    lines = [f"Test split, {report['data']['users']} users, seed {report['seed']}; sampled = 1 + "
+             f"{next(iter(report['runs'].values()))['test_sampled'].get('negatives', 100)} candidates, "
+             "full = all items (history excluded).", "",
+             "| run | protocol | best round | " + " | ".join(METRIC_NAMES) + " |",
+             "|---|---|---|" + "---|" * len(METRIC_NAMES)]
+    for name, run in report["runs"].items():
+        for protocol in ("sampled", "full"):
+            result = run[f"test_{protocol}"]
+            cells = " | ".join(f"{result[m]:.4f}" for m in METRIC_NAMES)
+            lines.append(f"| {name} | {protocol} | {run.get('best_round', '-')} | {cells} |")
+    return "\n".join(lines) + "\n"
