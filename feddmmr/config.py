@@ -34,7 +34,7 @@ class TrainConfig:
     server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam
     server_learning_rate: float = 1.0
     server_momentum: float = 0.9
-    # update screening and aggregation (federation/server.py; README "Robust aggregation")
+    # update screening and aggregation (federation/server.py; docs/robustness.md)
     aggregation: str = "fedavg"  # fedavg | fedprox (needs fedprox_mu > 0) | trimmed_mean | median
     trim_fraction: float = 0.1  # trimmed_mean: share dropped at each end of every coordinate, [0, 0.5)
     clip_norm: float = 0.0  # > 0: clip each client's update delta to this L2 norm; 0 = off

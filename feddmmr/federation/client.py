@@ -213,9 +213,8 @@ class LocalTrainer:
     (a 10-window client is a tiny forward) without changing the algorithm. One model is
     shared by every client of the process: no per-client copies of the model.
 
-    ``client_batch`` clients share a vmapped step. 8 rather than 16 (ML-1M, ``bench/speed.py``,
-    README "Round cost"): peak memory 1.7 vs 2.7 GB (Stage 1) and 3.8 vs 5.1 GB (Stage 3) at
-    1,000 users, a Stage 3 round 6.5 vs 7.3 s there; at 6,040 users rounds are 3-4 % slower.
+    ``client_batch`` clients share a vmapped step: a larger group amortises more overhead but keeps
+    more activations alive at once (measured trade-off: docs/performance.md).
     """
 
     betas = (0.9, 0.999)
