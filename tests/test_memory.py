@@ -123,3 +123,38 @@ def test_client_threshold_is_the_clients_own_quantile():
     values = novelty(space, items, 0, 3)
     assert np.isclose(q90, np.quantile(values, 0.9))
     assert client_threshold(space, items, MemoryConfig(novelty_threshold=0.58)) == 0.58
+
+
+class DenseSpace(ItemSpace):
+    """The reference: every similarity read from one precomputed item x item matrix."""
+
+    def __init__(self, visual, text):
+        super().__init__(visual, text)
+        self.matrix = (self._table @ self._table.T).numpy()
+
+    def similarity(self, rows, cols):
+        return self.matrix[np.asarray(rows)[:, None], np.asarray(cols)[None, :]]
+
+
+def test_on_demand_similarities_make_the_memory_decisions_of_a_dense_matrix():
+    """No item x item matrix is kept, yet every write, merge, eviction and retrieval is the one
+    the dense matrix gives (clustered items, so merges and evictions happen)."""
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(12, 24, generator=generator)
+    table = centers[torch.randint(0, 12, (600,), generator=generator)] + 0.35 * torch.randn(600, 24, generator=generator)
+    table[0] = 0
+    rng = np.random.default_rng(0)
+    config = MemoryConfig(st_window=20, lt_capacity=15, top_k=10)
+    lazy, dense = ItemSpace(table, None), DenseSpace(table, None)
+    for _ in range(20):
+        history = rng.integers(1, 600, int(rng.integers(30, 700)))
+        threshold = client_threshold(lazy, history, config)
+        assert np.isclose(threshold, client_threshold(dense, history, config))
+        memories = [LocalMemory(config, space, threshold) for space in (lazy, dense)]
+        for memory in memories:
+            memory.observe(history[:len(history) // 2])
+            memory.observe(history[len(history) // 2:])
+        states = [memory.state_dict() for memory in memories]
+        assert all(np.array_equal(states[0][k], states[1][k]) for k in ("recent", "lt_items", "lt_freq", "lt_last"))
+        assert np.array_equal(memories[0].retrieve(), memories[1].retrieve())
+    assert not hasattr(lazy, "matrix") and not hasattr(lazy, "similarity_matrix")

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..data.dataset import SequenceDataset, last_n_padded
 from ..models import UR4RecV2MoE
-from .memory import ItemSpace, LocalMemory, MemoryConfig, client_threshold
+from .memory import ItemSpace, LocalMemory, MemoryConfig, client_threshold, novelty
 
 
 @dataclass
@@ -56,16 +56,20 @@ def build_client(data: SequenceDataset, user: int, max_len: int, memory_config: 
         nothing = np.zeros(0, dtype=np.int64)
         return ClientData(user, inputs, targets, np.zeros((len(inputs), 0), dtype=np.int64),
                           {"val": nothing, "test": nothing})
-    memory = LocalMemory(memory_config, space, client_threshold(space, train, memory_config))
+    # every item's novelty against the window before it, computed once: the memory reads the
+    # history in order, so its window before an item is the history's (st_window items)
+    read = sequence[:len(train) + 1]
+    novel = novelty(space, read, 0, memory_config.st_window)
+    memory = LocalMemory(memory_config, space, client_threshold(space, train, memory_config, novel[:len(train)]))
     snapshots = np.zeros((len(starts), memory_config.top_k), dtype=np.int64)
     seen = 0
     for row in np.argsort(starts, kind="stable"):
-        memory.observe(train[seen:starts[row]])
+        memory.observe(train[seen:starts[row]], novel[seen:starts[row]])
         seen = max(seen, int(starts[row]))
         snapshots[row] = memory.retrieve()
-    memory.observe(train[seen:])
+    memory.observe(train[seen:], novel[seen:len(train)])
     eval_memory = {"val": memory.retrieve()}
-    memory.observe(sequence[len(train):len(train) + 1])
+    memory.observe(read[len(train):], novel[len(train):])
     eval_memory["test"] = memory.retrieve()
     return ClientData(user, inputs, targets, snapshots, eval_memory, memory.prototypes(prototype_seed), memory)
 

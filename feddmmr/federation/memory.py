@@ -55,7 +55,12 @@ class MemoryConfig:
 
 
 class ItemSpace:
-    """Combined, normalised item content embeddings and their pairwise cosine similarities."""
+    """Combined, normalised item content embeddings; cosine similarities computed on demand.
+
+    Nothing item x item is stored: the memory only ever compares an item with the window before
+    it or with the client's long-term entries, so similarities cost what a client reads, not the
+    catalogue squared.
+    """
 
     def __init__(self, visual: torch.Tensor | None, text: torch.Tensor | None):
         parts = [F.normalize(t.float(), dim=-1) for t in (visual, text) if t is not None]
@@ -64,7 +69,26 @@ class ItemSpace:
         combined = F.normalize(torch.cat(parts, dim=-1), dim=-1)
         self.embedding = combined.numpy()
         self.present = combined.norm(dim=-1).numpy() > 0
-        self.similarity = (combined @ combined.T).numpy()
+        self._table = combined
+
+    def similarity(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``[len(rows), len(cols)]`` cosine similarities."""
+        table = self._table
+        return (table[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
+                @ table[torch.from_numpy(np.asarray(cols, dtype=np.int64))].T).numpy()
+
+    def window_similarity(self, items: np.ndarray, start: int, window: int, block: int = 64) -> np.ndarray:
+        """``[len(items) - start, window]``: ``items[p]`` against ``items[p - 1 - w]`` (NaN before the start)."""
+        out = np.full((len(items) - start, window), np.nan, dtype=np.float32)
+        for lo in range(start, len(items), block):
+            hi = min(len(items), lo + block)
+            context = max(0, lo - window)
+            sims = self.similarity(items[lo:hi], items[context:hi])
+            before = np.arange(lo, hi)[:, None] - 1 - np.arange(window)[None, :]
+            valid = before >= 0
+            rows = np.broadcast_to(np.arange(hi - lo)[:, None], before.shape)
+            out[lo - start:hi - start] = np.where(valid, sims[rows, np.clip(before - context, 0, None)], np.nan)
+        return out
 
 
 class LocalMemory:
@@ -84,11 +108,13 @@ class LocalMemory:
         """Novelty of each item against the ST window just before it (1 when the window is empty)."""
         return novelty(self.space, np.concatenate([self.recent, items]), len(self.recent), self.config.st_window)
 
-    def observe(self, items: np.ndarray) -> None:
+    def observe(self, items: np.ndarray, novel: np.ndarray | None = None) -> None:
+        """Read ``items`` in order; ``novel`` is their novelty when the caller has it (see :func:`novelty`)."""
         items = np.asarray(items, dtype=np.int64)
         if len(items) == 0:
             return
-        novel = self.novelty(items)
+        if novel is None:
+            novel = self.novelty(items)
         written = np.flatnonzero((novel > self.threshold) & self.space.present[items])
         for index in written:
             self._write(int(items[index]), self.step + int(index))
@@ -100,7 +126,7 @@ class LocalMemory:
         if cfg.lt_capacity == 0:  # no long-term memory
             return
         if len(self.lt_items):
-            sims = self.space.similarity[item, self.lt_items]
+            sims = self.space.similarity([item], self.lt_items)[0]
             best = int(sims.argmax())
             if sims[best] >= cfg.duplicate_threshold:
                 self.lt_freq[best] += 1.0
@@ -184,23 +210,28 @@ class LocalMemory:
 
 
 def novelty(space: ItemSpace, items: np.ndarray, start: int, window: int) -> np.ndarray:
-    """Novelty of ``items[start:]``, each against the ``window`` items before it, vectorised."""
+    """Novelty of ``items[start:]``, each against the ``window`` items before it (1 with none present)."""
     positions = np.arange(start, len(items))
+    if window == 0:
+        return np.ones(len(positions))
     before = positions[:, None] - np.arange(1, window + 1)[None, :]
     valid = before >= 0
     others = items[np.clip(before, 0, None)]
-    sims = space.similarity[items[positions][:, None], others]
+    sims = space.window_similarity(items, start, window)
     sims = np.where(valid & space.present[others], sims, -np.inf)
-    best = sims.max(axis=1) if window else np.full(len(positions), -np.inf)
+    best = sims.max(axis=1)
     return np.where(np.isfinite(best), 1.0 - best, 1.0)
 
 
-def client_threshold(space: ItemSpace, items: np.ndarray, config: MemoryConfig) -> float:
-    """The fixed threshold, or the client's own novelty quantile over its history."""
+def client_threshold(space: ItemSpace, items: np.ndarray, config: MemoryConfig,
+                     novel: np.ndarray | None = None) -> float:
+    """The fixed threshold, or the client's own novelty quantile over its history (``novel``: its novelty)."""
     if config.novelty_threshold >= 0:
         return config.novelty_threshold
     present = space.present[items]
-    values = novelty(space, items, 0, config.st_window)[present]
+    if novel is None:
+        novel = novelty(space, items, 0, config.st_window)
+    values = novel[present]
     return float(np.quantile(values, config.novelty_quantile)) if len(values) else 1.0
 
 
