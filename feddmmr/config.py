@@ -46,10 +46,12 @@ class TrainConfig:
     eval_every: int = 1
     eval_protocol: str = "sampled"  # validation protocol used to pick the best round
     eval_negatives: int = 100  # negatives per user in the sampled protocol (1 + 100)
+    eval_users: int = 0  # > 0: validate each round on this many users (a fixed seeded sample); the final scores use all
     seed: int = 0
     # reliability
     client_dropout: float = 0.0  # fault injection: this fraction of each round's sampled clients fails
     min_clients: int = 1  # a round needs this many answers, else the run stops (resumable)
+    resident_clients: bool = True  # False: build a round's clients when sampled, keep only the users' eval memory
     # data
     top_users: int | None = 1000
     # model (seed names)
@@ -149,7 +151,7 @@ RANGES: dict[str, Range] = {
     "local_epochs": POSITIVE, "learning_rate": STRICTLY_POSITIVE, "batch_size": POSITIVE,
     "num_negatives": POSITIVE, "weight_decay": NON_NEGATIVE, "fedprox_mu": NON_NEGATIVE,
     "server_learning_rate": STRICTLY_POSITIVE, "server_momentum": Range(0, 1, open_high=True),
-    "eval_every": POSITIVE, "eval_negatives": POSITIVE, "seed": Range(0, 2**32 - 1), "top_users": POSITIVE,
+    "eval_every": POSITIVE, "eval_negatives": POSITIVE, "eval_users": NON_NEGATIVE, "seed": Range(0, 2**32 - 1), "top_users": POSITIVE,
     "sasrec_hidden_dim": POSITIVE, "sasrec_num_blocks": POSITIVE, "sasrec_num_heads": POSITIVE,
     "max_seq_len": POSITIVE, "moe_num_heads": POSITIVE, "dropout": Range(0, 1, open_high=True),
     "gating_init": NON_NEGATIVE, "contrastive_lambda": NON_NEGATIVE, "load_balance_lambda": NON_NEGATIVE,
@@ -297,6 +299,10 @@ def _check_flower(config: TrainConfig, source: str, secure_aggregation: bool) ->
         problems.append(f"attack={config.attack!r} (in-process fault injection)")
     if config.client_dropout > 0:
         problems.append("client_dropout > 0 (in-process fault injection; on Flower, stop a SuperNode instead)")
+    if config.eval_users > 0:
+        problems.append("eval_users > 0 (validation on a sample of users; in-process only for now)")
+    if not config.resident_clients:
+        problems.append("resident_clients=false (each node keeps its own partition's clients)")
     if config.dp_enabled:
         problems.append("differential privacy (dp_noise_multiplier / dp_target_epsilon; in-process only: "
                         "`feddmmr train --set dp_...`)")

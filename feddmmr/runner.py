@@ -35,18 +35,20 @@ class InProcess(LocalClients):
 
     def train(self, round_number: int, users: np.ndarray, global_state: dict[str, torch.Tensor],
               prototypes: torch.Tensor | None) -> RoundResult:
-        updates, dropped = self.local_updates(round_number, users, global_state, prototypes)
+        clients = self.take([int(u) for u in users])
+        updates, dropped = self.local_updates(clients, round_number, users, global_state, prototypes)
         answered = np.array([u for u, _ in updates], dtype=np.int64)
         poisoned, attackers = inject_attacks([u for _, u in updates], answered, global_state, self.config,
                                              round_number)
         replies = [Reply({"user": int(user)}, [(int(user), update.state, update.num_samples)],
                          prototypes=[(int(user), update.prototypes)] if update.prototypes is not None else [],
-                         losses=dict(update.metrics), samples=self.clients[int(user)].num_samples, num_clients=1)
+                         losses=dict(update.metrics), samples=clients[int(user)].num_samples, num_clients=1)
                    for user, update in zip(answered, poisoned)]
         return RoundResult(replies, len(updates), dropped, {"attackers": attackers} if attackers else {})
 
-    def local_updates(self, round_number: int, selected: np.ndarray, global_state: dict[str, torch.Tensor],
-                      prototypes: torch.Tensor | None) -> tuple[list[tuple[int, ClientUpdate]], dict[int, str]]:
+    def local_updates(self, clients: dict[int, ClientData], round_number: int, selected: np.ndarray,
+                      global_state: dict[str, torch.Tensor], prototypes: torch.Tensor | None
+                      ) -> tuple[list[tuple[int, ClientUpdate]], dict[int, str]]:
         """The round's answers as (user, update), users ascending, and the dropped users with why.
 
         Dropped: the ``client_dropout`` fault injection (those clients do not train) and every
@@ -55,7 +57,7 @@ class InProcess(LocalClients):
         dropped = {int(u): "fault injection (client_dropout)"
                    for u in dropped_clients(selected, config.client_dropout, config.seed, round_number)}
         users = [int(u) for u in selected if int(u) not in dropped]
-        results = self.trainer.train_many([self.clients[u] for u in users], global_state,
+        results = self.trainer.train_many([clients[u] for u in users], global_state,
                                           [client_seed(config.seed, round_number, u) for u in users], prototypes,
                                           isolate_failures=True)
         updates = []
@@ -85,11 +87,12 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
                                  privacy=dp.spent(config.num_rounds) if dp else None)
     point = run_dir.start(payload)
     tick = time.time()
-    if point is not None and point.clients:  # the saved memories, not a rebuild (checked by digest)
+    if not config.resident_clients:
+        transport = InProcess.on_demand(assembly, out_dir / "cache")
+    elif point is not None and point.clients:  # the saved memories, not a rebuild (checked by digest)
         clients = unpack_clients(point.clients, data, config.max_seq_len, assembly.memory_config, assembly.space)
-        packed = (point.clients, point.clients_digest)
+        transport = InProcess(assembly, clients, out_dir / "cache", (point.clients, point.clients_digest))
     else:
-        clients, packed = assembly.build_clients(progress=progress), None
+        transport = InProcess(assembly, assembly.build_clients(progress=progress), out_dir / "cache")
     run_dir.history["memory_build_seconds"] = round(time.time() - tick, 2)
-    transport = InProcess(assembly, clients, out_dir / "cache", packed)
     return run_rounds(config, assembly.model, transport, run_dir, dp=dp, progress=progress)

@@ -15,6 +15,7 @@ import torch
 
 from ..config import TrainConfig, apply_overrides, load_preset, stage_preset
 from ..data.dataset import SequenceDataset
+from ..data.dataset import SPLITS
 from ..evaluation import ScoreFn, evaluate
 from ..features.store import load_features
 from ..federation import checkpoint as ckpt
@@ -194,7 +195,30 @@ class LocalClients:
             arrays = pack_clients(clients)
             packed = (arrays, ckpt.array_digest(arrays)) if arrays else None
         self.packed = packed
+        self.resident = True
         self._memory_ids: dict[str, np.ndarray | None] = {}
+
+    @classmethod
+    def on_demand(cls, assembly: Assembly, cache_dir: Path | None, chunk: int = 1024) -> "LocalClients":
+        """Clients built when a round samples them and dropped after it: only every user's evaluation
+        memory (``[users, K]`` ids per split) stays resident, gathered in one streaming pass."""
+        local = cls(assembly, {}, cache_dir)
+        local.resident = False
+        config = assembly.config
+        if config.use_memory:
+            ids = {split: np.zeros((local.num_users, config.memory_top_k), dtype=np.int64) for split in SPLITS}
+            for lo in range(0, local.num_users, chunk):
+                for user, client in assembly.build_clients(np.arange(lo, min(lo + chunk, local.num_users))).items():
+                    for split in SPLITS:
+                        ids[split][user] = client.eval_memory[split]
+            local._memory_ids.update(ids)
+        return local
+
+    def take(self, users: list[int]) -> dict[int, ClientData]:
+        """The clients of ``users``: held ones, or built now (and not kept) when clients are built on demand."""
+        if self.resident:
+            return {u: self.clients[u] for u in users}
+        return self.assembly.build_clients(np.asarray(users, dtype=np.int64))
 
     def memory_ids(self, split: str) -> np.ndarray | None:
         if split not in self._memory_ids:

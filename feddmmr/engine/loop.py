@@ -67,7 +67,9 @@ class Transport(Protocol):
               prototypes: torch.Tensor | None) -> RoundResult: ...
 
     def evaluate(self, model: UR4RecV2MoE, prototypes: torch.Tensor | None, requests: Requests,
-                 tag: int | str) -> list[dict]: ...
+                 tag: int | str, users: np.ndarray | None = None) -> list[dict]:
+        """One result per request, over every user (or ``users``)."""
+        ...
 
     def memory(self) -> tuple[dict[str, np.ndarray], str] | None:
         """The clients' packed memories and their digest, when the server holds them (in-process)."""
@@ -85,6 +87,7 @@ def run_rounds(config: TrainConfig, model: UR4RecV2MoE, transport: Transport, ru
     server_optimizer = make_server_optimizer(config)
     start_round, prototypes = run_dir.restore(model, server_optimizer)
     global_state = model.group_state(config.transmitted_groups)
+    validation_users = validation_sample(config, transport.num_users)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -129,7 +132,7 @@ def run_rounds(config: TrainConfig, model: UR4RecV2MoE, transport: Transport, ru
             tick = time.time()
             model.eval()
             val = transport.evaluate(model, prototypes, [("val", config.eval_protocol, VALIDATION_BATCH)],
-                                     round_number)[0]
+                                     round_number, users=validation_users)[0]
             run_dir.validated(entry, val, time.time() - tick, model, prototypes)
         entry["seconds"] = round(entry["train_seconds"] + entry.get("eval_seconds", 0.0), 3)
         run_dir.end_round(entry, model, server_optimizer, prototypes, transport.memory())
@@ -139,6 +142,14 @@ def run_rounds(config: TrainConfig, model: UR4RecV2MoE, transport: Transport, ru
     if bar is not None:
         bar.close()
     return finish(config, model, transport, run_dir, dp, title)
+
+
+def validation_sample(config: TrainConfig, num_users: int) -> np.ndarray | None:
+    """The users every round is validated on: all (None), or ``eval_users`` of them, one seeded draw
+    for the whole run so that rounds compare on the same users."""
+    if not 0 < config.eval_users < num_users:
+        return None
+    return np.sort(np.random.default_rng([config.seed, 0xE7A1]).choice(num_users, config.eval_users, replace=False))
 
 
 @dataclass

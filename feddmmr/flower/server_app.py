@@ -270,8 +270,10 @@ class FlowerTransport:
         update.prototypes = result.prototypes
         return answered, [update], [result.answered[targets[p]] for p in answered], dropped, info
 
-    def evaluate(self, model: UR4RecV2MoE, prototypes: torch.Tensor | None, requests, tag) -> list[dict]:
-        """Every reachable node scores its users; the results of the nodes that answered, combined."""
+    def evaluate(self, model: UR4RecV2MoE, prototypes: torch.Tensor | None, requests, tag,
+                 users=None) -> list[dict]:
+        """Every reachable node scores its users; the results of the nodes that answered, combined.
+        (``users``: a validation sample, refused on Flower by ``validate_config`` for now.)"""
         tick = time.time()
         state = model.group_state(self.config.transmitted_groups)
         contents = {p: msgs.evaluate_content(state, prototypes, requests) for p in self.nodes.nodes}
