@@ -485,15 +485,20 @@ def run_quality(args: argparse.Namespace) -> str:
     return table
 
 
-def main(argv: list[str] | None = None) -> int:
+def start_bench(parse, argv: list[str] | None):
+    """What every bench does first: offline switches, logging to stderr, its arguments, torch threads."""
     os.environ.update(OFFLINE_ENV)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    if args.threads:
+    args = parse(argv)
+    if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
-    print(run_quality(args))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    print(run_quality(start_bench(parse_args, argv)))
     return 0
 
 

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -37,7 +36,7 @@ from feddmmr.config import ATTACKS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import OFFLINE_ENV, REPO, differing, machine, mean_std, read_json  # noqa: E402
+from quality import REPO, differing, machine, mean_std, read_json, start_bench  # noqa: E402
 
 log = logging.getLogger("bench.robustness")
 
@@ -207,13 +206,7 @@ def table(records: dict[tuple[str, str, int], dict], args: argparse.Namespace, i
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.update(OFFLINE_ENV)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = start_bench(parse_args, argv)
     from feddmmr.data.dataset import load_dataset
     from feddmmr.federation import checkpoint as ckpt
 
