@@ -33,6 +33,7 @@ VALIDATION_BATCH = 512  # users per scoring batch while validating each round
 FINAL_REQUESTS = tuple((split, protocol, 256 if protocol == "sampled" else 64)
                        for split in ("val", "test") for protocol in PROTOCOLS)  # (split, protocol, batch) at the end
 NUM_SAMPLED_NEGATIVES = 100
+ITEM_BLOCK = 8192  # full ranking over a larger catalogue streams it in blocks of this many items
 
 # score_fn(user_rows [B], input_seq [B, L], items [B, N] or None) -> scores [B, N] or [B, num_items]
 ScoreFn = Callable[[np.ndarray, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -129,8 +130,11 @@ def candidates(data: SequenceDataset, split: str, seed: int = 0, cache_dir: Path
 def evaluate(score_fn: ScoreFn, data: SequenceDataset, split: str = "val", protocol: str = "sampled", *,
              seed: int = 0, max_len: int = 50, batch_size: int = 512, exclude_history: bool = True,
              cache_dir: Path | None = None, users: np.ndarray | None = None,
-             num_negatives: int = NUM_SAMPLED_NEGATIVES) -> dict:
-    """Score every user (or ``users``) under one protocol; returns metrics named with their protocol."""
+             num_negatives: int = NUM_SAMPLED_NEGATIVES, item_block: int = ITEM_BLOCK) -> dict:
+    """Score every user (or ``users``) under one protocol; returns metrics named with their protocol.
+
+    Full ranking over a catalogue larger than ``item_block`` streams it in item blocks, so a batch
+    never holds ``[users, catalogue]`` scores (or the experts' per-candidate activations)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
     users = np.arange(data.num_users) if users is None else np.asarray(users)
@@ -151,14 +155,17 @@ def evaluate(score_fn: ScoreFn, data: SequenceDataset, split: str = "val", proto
                 scores = score_fn(rows, seq, torch.from_numpy(cands[lo:lo + batch_size])).float()
             target_col = torch.zeros(len(rows), dtype=torch.long)
         else:
-            with torch.no_grad():
-                scores = score_fn(rows, seq, None).float().clone()
             target = torch.from_numpy(targets[rows])
             excluded = not_candidate.expand(len(rows), -1).clone()
             if exclude_history:
                 hist_rows, hist_items = data.history_mask_rows(rows, split)
                 excluded[torch.from_numpy(hist_rows), torch.from_numpy(hist_items)] = True
             excluded[torch.arange(len(rows)), target] = False
+            if data.num_items > item_block:
+                all_ranks.append(blocked_ranks(score_fn, rows, seq, target, excluded, item_block))
+                continue
+            with torch.no_grad():
+                scores = score_fn(rows, seq, None).float().clone()
             scores[excluded] = float("-inf")
             target_col = target
         all_ranks.append(ranks_from_scores(scores, target_col))
@@ -169,6 +176,22 @@ def evaluate(score_fn: ScoreFn, data: SequenceDataset, split: str = "val", proto
         result.update(exclude_history=bool(exclude_history))
     result.update(metrics_from_ranks(torch.cat(all_ranks)))
     return result
+
+
+def blocked_ranks(score_fn: ScoreFn, rows: np.ndarray, seq: torch.Tensor, target: torch.Tensor,
+                  excluded: torch.Tensor, item_block: int) -> torch.Tensor:
+    """The pessimistic ranks of ``ranks_from_scores`` (items scoring at least the target's score, the
+    target not counted), counted block by block; the target's own score comes from a one-column call."""
+    with torch.no_grad():
+        own = score_fn(rows, seq, target.view(-1, 1)).float()
+        ahead = torch.zeros(len(rows), dtype=torch.long)
+        num_items = excluded.shape[1]
+        for lo in range(0, num_items, item_block):
+            items = torch.arange(lo, min(lo + item_block, num_items))
+            scores = score_fn(rows, seq, items.expand(len(rows), -1)).float()
+            counted = (scores >= own) & ~excluded[:, lo:lo + item_block] & (items[None, :] != target[:, None])
+            ahead += counted.sum(1)
+    return ahead
 
 
 def format_metrics(result: dict) -> str:

@@ -51,3 +51,29 @@ def test_validation_on_a_user_sample_scores_those_users_and_the_final_scores_all
     assert validation_sample(tiny_config(1, eval_users=data.num_users), data.num_users) is None
     saved = json.loads((tmp_path / "run" / ckpt.CONFIG_FILE).read_text())
     assert saved["train"]["eval_users"] == 5
+
+
+def test_full_ranking_in_item_blocks_gives_the_ranks_of_one_pass(tmp_path):
+    """Streaming the catalogue in blocks (with the item-only expert terms computed once) ranks
+    every target exactly where scoring the whole catalogue at once does."""
+    from feddmmr.engine.assemble import LocalClients, assemble
+    from feddmmr.evaluation import evaluate
+    import feddmmr.engine.assemble as assemble_module
+
+    data, features = tiny_dataset(tmp_path), tiny_features(tmp_path)
+    run_federated(tiny_config(1), data, tmp_path / "s1", progress=False)
+    for stage, init in ((1, None), (3, tmp_path / "s1")):
+        assembly = assemble(tiny_config(stage), data, features if stage == 3 else None, init)
+        local = LocalClients(assembly, assembly.build_clients(), None)
+        model = assembly.model.eval()
+        for split in ("val", "test"):
+            whole = evaluate(assemble_module.memory_scorer(model, assembly.content, local.memory_ids(split), None),
+                             data, split, "full", max_len=8)
+            original = assemble_module.ITEM_BLOCK
+            assemble_module.ITEM_BLOCK = 7  # the scorer's tables too, as for a large catalogue
+            try:
+                scorer = assemble_module.memory_scorer(model, assembly.content, local.memory_ids(split), None)
+            finally:
+                assemble_module.ITEM_BLOCK = original
+            blocked = evaluate(scorer, data, split, "full", max_len=8, item_block=7)
+            assert blocked == whole, (stage, split)

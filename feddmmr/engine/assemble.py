@@ -16,7 +16,7 @@ import torch
 from ..config import TrainConfig, apply_overrides, load_preset, stage_preset
 from ..data.dataset import SequenceDataset
 from ..data.dataset import SPLITS
-from ..evaluation import ScoreFn, evaluate
+from ..evaluation import ITEM_BLOCK, ScoreFn, evaluate
 from ..features.store import load_features
 from ..federation import checkpoint as ckpt
 from ..federation.client import ClientData, ItemContent, LocalTrainer, build_clients, pack_clients
@@ -112,7 +112,14 @@ def stage_config(stage: int, init: Path | str | None = None, preset: str | Path 
 
 def memory_scorer(model: UR4RecV2MoE, content: ItemContent, memory_ids: np.ndarray | None,
                   prototypes: torch.Tensor | None) -> ScoreFn:
-    """The evaluation scorer: the last position's representation, the users' memory, one scoring rule."""
+    """The evaluation scorer: the last position's representation, the users' memory, one scoring rule.
+
+    Over a catalogue streamed in blocks, the experts' item-only terms are computed once for the
+    whole evaluation instead of once per batch and block."""
+    tables = None
+    if memory_ids is not None and model.num_items > ITEM_BLOCK:
+        with torch.no_grad():
+            tables = model.projected_tables()
 
     def score(users: np.ndarray, seq: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
         hidden = model.encode(seq)[:, -1]
@@ -121,7 +128,7 @@ def memory_scorer(model: UR4RecV2MoE, content: ItemContent, memory_ids: np.ndarr
             memory_visual, memory_text = content.memory(memory_ids[users], prototypes)
         if items is None:
             items = torch.arange(model.num_items).expand(len(users), -1)
-        return model.score(hidden, items, memory_visual, memory_text)
+        return model.score(hidden, items, memory_visual, memory_text, tables=tables)
 
     return score
 

@@ -260,9 +260,11 @@ class UR4RecV2MoE(nn.Module):
         return projected[inverse].view(*items.shape, -1), present[inverse].view(items.shape)
 
     def score(self, hidden: torch.Tensor, items: torch.Tensor, memory_visual=None, memory_text=None,
-              target_visual=None, memory_mask=None) -> torch.Tensor:
-        """The one scoring rule. ``hidden [B, D]`` (a position), ``items [B, C]`` -> ``[B, C]``."""
-        bonus, _, _ = self.auxiliary(items, memory_visual, memory_text, target_visual, memory_mask=memory_mask)
+              target_visual=None, memory_mask=None, tables: dict | None = None) -> torch.Tensor:
+        """The one scoring rule. ``hidden [B, D]`` (a position), ``items [B, C]`` -> ``[B, C]``
+        (``tables``: :meth:`projected_tables`, when the caller scores many batches with one model)."""
+        bonus, _, _ = self.auxiliary(items, memory_visual, memory_text, target_visual, memory_mask=memory_mask,
+                                     tables=tables)
         return (hidden.unsqueeze(1) * self.sasrec.item_emb(items)).sum(-1) + bonus
 
     def forward(self, user_ids=None, input_seq: torch.Tensor = None, target_items: torch.Tensor = None,
