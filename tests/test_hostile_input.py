@@ -247,8 +247,10 @@ HOSTILE = [
     Case("table: truncated (last line cut mid-row)", table(TABLE + "u3,i4"), DataError,
          r"t\.csv:8: column 'timestamp' value '' is empty \(a missing field or a truncated line\?\)"),
     Case("table: too many fields", table(TABLE + "u3,i4,5,6\n"), DataError, r"t\.csv: malformed table"),
-    Case("table: missing columns", table("uid,sku,timestamp\na,x,1\n"), DataError,
-         r"t\.csv:1: missing column\(s\) \['user', 'item'\]"),
+    Case("table: no user or item column under a common name", table("uid,sku,timestamp\na,x,1\n"), DataError,
+         r"t\.csv:1: cannot find the user and item column\(s\) among \['uid', 'sku', 'timestamp'\] \(common names "
+         r"looked for: user: user_id, userId, UserID, user, \.\.\.; item: item_id, movieId, .*\); "
+         r"name them with --user-col/--item-col"),
     Case("table: empty user id", table(TABLE + ",i4,5\n"), DataError, r"t\.csv:8: empty value in column 'user'"),
     Case("table: non-numeric timestamp", table(TABLE + "u3,i4,soon\n"), DataError,
          r"t\.csv:8: column 'timestamp' value 'soon' is not a number or a date"),
