@@ -227,7 +227,7 @@ def why_absent(table: Interactions, user: str, top_n: int | None,
     rank = int(np.flatnonzero(order == match[0])[0]) + 1
     last = int(counts[order[top_n - 1]]) if top_n and top_n <= len(order) else 0
     return (f"user {user!r} has {count} interactions but is not among the {top_n:,} most active users kept by "
-            f"--top-users {top_n} (the run's setting; the least active kept user has {last}, this one ranks "
+            f"--top-users {top_n} (the least active kept user has {last}, this one ranks "
             f"{rank:,} of {len(order):,}); pass --top-users all (or --top-users {rank}) to recommend for them")
 
 

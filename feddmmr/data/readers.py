@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,8 +285,14 @@ def read_ml1m(folder: Path) -> Interactions:
     ratings_path = _find(folder, "ratings.dat")
     if ratings_path is None:
         raise DataError(folder / "ratings.dat", "file not found. " + GROUPLENS_HINT)
-    table = _dedupe(ratings_path, _int_rows(ratings_path, "::", ("UserID", "MovieID", "Rating", "Timestamp")),
-                    header=False)
+    try:
+        rows = _int_rows(ratings_path, "::", ("UserID", "MovieID", "Rating", "Timestamp"))
+    except DataError as exc:
+        if exc.problem.startswith("Rating '") and re.fullmatch(r"Rating '\d+\.\d+' is not an integer", exc.problem):
+            raise DataError(exc.path, exc.problem + " (MovieLens 10M has half-star ratings: pass --layout ml10m)",
+                            exc.line) from None
+        raise
+    table = _dedupe(ratings_path, rows, header=False)
     titles, known = _catalogue(folder)
     users_path = _find(folder, "users.dat")
     if users_path is not None:
@@ -440,6 +447,14 @@ def _tables(folder: Path) -> list[Path]:
     return [p for p in sorted(folder.iterdir()) if p.name.lower().endswith(TABLE_SUFFIXES) and p.is_file()]
 
 
+def _sniffed_files(folder: Path, limit: int = 50) -> list[tuple[Path, str]]:
+    """(file, layout) for the folder's other files whose first line tells their layout (the first ``limit``)."""
+    from .formats import sniff
+
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")][:limit]
+    return [(p, layout) for p in files if (layout := sniff(p)) is not None]
+
+
 def _is_ml10m_dat(folder: Path) -> bool:
     """MovieLens 10M ships tags.dat beside ratings.dat (ML-1M ships users.dat instead)."""
     return _find(folder, "tags.dat") is not None and _find(folder, "users.dat") is None
@@ -468,6 +483,12 @@ def detect_layout(path: Path) -> str:
         if len(tables) > 1:
             raise DataError(path, f"several tables in this folder {[p.name for p in tables]}; pass the one "
                                   "to use with --data FILE")
+        sniffed = _sniffed_files(path)
+        if len(sniffed) == 1:
+            return sniffed[0][1]
+        if len(sniffed) > 1:
+            raise DataError(path, f"several data files in this folder {[p.name for p, _ in sniffed]}; pass the "
+                                  "one to use with --data FILE")
         raise DataError(path, "no recognised data files in this folder. " + GROUPLENS_HINT)
     if not path.exists():
         raise DataError(path, "not found. " + GROUPLENS_HINT)
@@ -514,9 +535,9 @@ def read_interactions(path: Path | str, layout: str | None = None,
         from . import formats
 
         if path.is_dir() and not _canonical_file(path, layout):  # a folder holding one such file, any name
-            tables = _tables(path)
-            if len(tables) == 1 and formats.sniff(tables[0]) == layout:
-                path = tables[0]
+            sniffed = [p for p, found in _sniffed_files(path) if found == layout]
+            if len(sniffed) == 1:
+                path = sniffed[0]
         if layout == "recbole":
             return formats.read_recbole(path, columns)
         return formats.read_ml100k(path) if layout == "ml100k" else formats.read_ml10m(path)

@@ -167,7 +167,7 @@ def item_texts(folder: Path, item_raw_ids, num_items: int, known: dict[int, obje
         return result
     if dataset_texts:
         texts = {index: text for index, text in dataset_texts.items() if 0 < index < num_items}
-        log.info("item texts from the dataset's item file: %d of %d items", len(texts), len(known))
+        log.info("item texts from the dataset's item file: %d of %d indexed items", len(texts), num_items - 1)
         return ItemTexts(texts, {index: "item_file" for index in texts}, known)
     log.warning("dataset without an item file and without --item-text FILE (item<TAB>text): no text features")
     return ItemTexts({}, {}, known)
