@@ -93,7 +93,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if len(matches) == 0:
         top = None if args.top_users in (None, "all") else args.top_users
         table = read_interactions(args.data, args.layout, columns_from_args(args))
-        raise SystemExit(f"feddmmr: error: {why_absent(table, key, top)}")
+        raise ValueError(why_absent(table, key, top))  # main() prints it as one error line, exit status 2
     row = int(matches[0])
     run = restore(args.checkpoint, data, args.features)
     start, stop = data.offsets[row:row + 1], data.offsets[row + 1:row + 2]

@@ -566,6 +566,13 @@ CLI = [
     ("--data is another .dat file", lambda t: ((t / "ratings_old.dat").write_text(GOOD),
                                                ["data", "stats", "--data", str(t / "ratings_old.dat")])[1],
      r"ratings_old\.dat: the 'ml1m' layout reads ratings\.dat"),
+    ("recommend for a user outside --top-users", lambda t: ["recommend", "--data", str(tiny_data(t)), "--checkpoint",
+                                                            str(t / "run"), "--user", "4", "--top-users", "2"],
+     r"user '4' has 7 interactions but is not among the 2 most active users kept by --top-users 2 \(the least "
+     r"active kept user has 14, this one ranks 6 of 6\); pass --top-users all \(or --top-users 6\)"),
+    ("recommend for an unknown user", lambda t: ["recommend", "--data", str(tiny_data(t)), "--checkpoint",
+                                                 str(t / "run"), "--user", "77", "--top-users", "all"],
+     r"user '77' is not in .*ratings\.dat: no interaction has that user id \(ids there look like '1', '2', '3'"),
     ("missing --checkpoint", lambda t: ["evaluate", "--data", str(tiny_data(t)), "--checkpoint", str(t / "run")],
      r"run/config\.json: not found; is .* a feddmmr run directory"),
     ("missing --init", lambda t: ["train", "--stage", "3", "--data", str(tiny_data(t)), "--out", str(t / "o"),
