@@ -368,10 +368,8 @@ def _rating_rows(path: Path, csv: bool) -> tuple[np.ndarray, np.ndarray, np.ndar
     form = ",".join(ML_CSV_HEADER) if csv else ML_DAT_FORM
     try:
         raw = _read_raw(path)
-        text = raw.decode("utf-8")
-        if not csv:
-            text = text.replace("::", "\t")
-        frame = pd.read_csv(io.StringIO(text), sep="," if csv else "\t", header=0 if csv else None,
+        source = io.BytesIO(raw) if csv else io.StringIO(raw.decode("utf-8").replace("::", "\t"))
+        frame = pd.read_csv(source, sep="," if csv else "\t", header=0 if csv else None,
                             dtype={0: np.int64, 1: np.int64, 2: np.float64, 3: np.int64} if not csv else
                             {"userId": np.int64, "movieId": np.int64, "rating": np.float64, "timestamp": np.int64},
                             engine="c", skip_blank_lines=True)
