@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from .baselines import popularity_scorer
-from .cli_args import add_data_args, emit, int_at_least, load_from_args
+from .cli_args import add_data_args, columns_from_args, emit, int_at_least, load_from_args
 from .config import ConfigError, apply_overrides, parse_sets
-from .data.dataset import last_n_padded
-from .data.readers import DataError
+from .data.dataset import last_n_padded, why_absent
+from .data.readers import DataError, read_interactions
 from .engine.assemble import restore, stage_config
 from .evaluation import evaluate
 from .features.cli import add_features_parser
@@ -91,7 +91,9 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     key = str(args.user)
     matches = np.flatnonzero(data.user_ids.astype(str) == key)
     if len(matches) == 0:
-        raise SystemExit(f"feddmmr: error: user {args.user!r} is not in the dataset (after --top-users)")
+        top = None if args.top_users in (None, "all") else args.top_users
+        table = read_interactions(args.data, args.layout, columns_from_args(args))
+        raise ValueError(why_absent(table, key, top))  # main() prints it as one error line, exit status 2
     row = int(matches[0])
     run = restore(args.checkpoint, data, args.features)
     start, stop = data.offsets[row:row + 1], data.offsets[row + 1:row + 2]
@@ -118,7 +120,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     configs = stage_configs((args.stage1_config, args.stage3_config), parse_sets(args.set), args.seed,
                             args.top_users)
     run_pipeline(load_from_args(args), args.data, args.out, args.features, configs, args.seed,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, item_text=args.item_text, posters=args.posters)
     return 0
 
 
@@ -180,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(pipe, default_top=1000)
     pipe.add_argument("--out", type=Path, required=True)
     pipe.add_argument("--features", type=Path, default=None, help="feature folder (default: OUT/features)")
+    pipe.add_argument("--item-text", type=Path, default=None,
+                      help="item<TAB>text file keyed by raw item id (default: the dataset's item file, e.g. "
+                           "u.item, movies.csv, NAME.item; for ML-1M movies.dat and its plots)")
+    pipe.add_argument("--posters", type=Path, default=None, help="poster folder with <raw id>.jpg "
+                                                                 "(default: DATA/posters)")
     pipe.add_argument("--stage1-config", default=None, help=f"preset or TOML (default {STAGES[0][1]})")
     pipe.add_argument("--stage3-config", default=None, help=f"preset or TOML (default {STAGES[1][1]})")
     pipe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for both stages")

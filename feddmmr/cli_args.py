@@ -13,15 +13,21 @@ from .data.readers import LAYOUTS, TableColumns
 def add_data_args(parser: argparse.ArgumentParser, default_top: int | None = None) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", required=True, type=Path,
-                       help="MovieLens-1M folder (official or ordered layout) or a CSV/TSV/Parquet table")
-    group.add_argument("--layout", choices=LAYOUTS, default=None, help="input layout (default: detect)")
+                       help="a dataset folder or file: MovieLens 1M/100K/10M/20M/25M/32M, RecBole atomic files "
+                            "(NAME.inter [+ NAME.item]) or a CSV/TSV/Parquet table")
+    group.add_argument("--layout", choices=LAYOUTS, default=None,
+                       help="input layout (default: detected from the file names, then their content)")
     group.add_argument("--top-users", type=top_users, default=default_top,
                        help="keep the N most active users (ties: smaller id), or 'all'; default: "
                             + (str(default_top) if default_top else "all users"))
-    group.add_argument("--user-col", default="user", help="custom table: user column")
-    group.add_argument("--item-col", default="item", help="custom table: item column")
-    group.add_argument("--time-col", default="timestamp", help="custom table: timestamp column")
-    group.add_argument("--rating-col", default=None, help="custom table: optional rating column")
+    group.add_argument("--user-col", default=None,
+                       help="table/RecBole: user column (default: found by name: user_id, userId, UserID, user, ...)")
+    group.add_argument("--item-col", default=None,
+                       help="table/RecBole: item column (default: found by name: item_id, movieId, item, ...)")
+    group.add_argument("--time-col", default=None,
+                       help="table/RecBole: time column (default: found by name: timestamp, time, date, ...)")
+    group.add_argument("--rating-col", default=None,
+                       help="table/RecBole: optional rating column (default: 'rating', 'score', ... if exactly one)")
 
 
 def top_users(value: str) -> int | str:
@@ -50,10 +56,13 @@ def int_at_least(minimum: int):
     return parse
 
 
+def columns_from_args(args: argparse.Namespace) -> TableColumns:
+    return TableColumns(args.user_col, args.item_col, args.time_col, args.rating_col)
+
+
 def load_from_args(args: argparse.Namespace) -> SequenceDataset:
-    columns = TableColumns(args.user_col, args.item_col, args.time_col, args.rating_col)
     top = None if args.top_users in (None, "all") else args.top_users
-    return load_dataset(args.data, args.layout, top, columns)
+    return load_dataset(args.data, args.layout, top, columns_from_args(args))
 
 
 def emit(result: dict, as_json: bool) -> None:

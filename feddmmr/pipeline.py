@@ -34,27 +34,46 @@ def stage_configs(presets: tuple[str | None, str | None], overrides: dict, seed:
     return configs
 
 
-def ensure_features(data: SequenceDataset, data_path: Path, features: Path, progress: bool) -> dict:
-    """An existing valid feature folder as it is; else extract one."""
-    try:
-        text, visual = load_features(features, data.num_items)
-        return {name: {"status": "existing", "encoder": t.meta["encoder"], "coverage": t.coverage}
-                for name, t in (("text", text), ("visual", visual))}
-    except FeatureError:
-        return run_extract(data, data_path, features, workers=1, progress=progress)
+def ensure_features(data: SequenceDataset, data_path: Path, features: Path, progress: bool,
+                    item_text: Path | None = None, posters: Path | None = None) -> dict:
+    """An existing valid feature folder as it is; else extract one. With ``item_text`` or ``posters``
+    the extraction always runs: it recomputes a modality only when its inputs changed (input hash)."""
+    if item_text is None and posters is None:
+        try:
+            text, visual = load_features(features, data.num_items)
+            return {name: {"status": "existing", "encoder": t.meta["encoder"], "coverage": t.coverage}
+                    for name, t in (("text", text), ("visual", visual))}
+        except FeatureError:
+            pass
+    return run_extract(data, data_path, features, posters=posters, item_text=item_text, workers=1,
+                       progress=progress)
+
+
+def modality_note(summary: dict) -> str | None:
+    """What Stage 3 can use when a modality has no item at all (no posters, no texts); None if both do."""
+    empty = [name for name in ("visual", "text") if not (summary.get(name) or {}).get("coverage")]
+    if not empty:
+        return None
+    if len(empty) == 2:
+        return "no item has a poster or a text: Stage 3 has no content features (its experts see only zeros)"
+    missing, kept = ("posters", "text") if empty == ["visual"] else ("texts", "visual (poster)")
+    return f"no item has {missing}: Stage 3 runs with {kept} features only"
 
 
 def run_pipeline(data: SequenceDataset, data_path: Path, out: Path, features: Path | None,
-                 configs: list[tuple[str, TrainConfig]], seed: int, progress: bool = True) -> dict:
+                 configs: list[tuple[str, TrainConfig]], seed: int, progress: bool = True,
+                 item_text: Path | None = None, posters: Path | None = None) -> dict:
     """Run every stage into ``out/<preset>`` and write ``report.json`` and ``report.md``; the report."""
     out.mkdir(parents=True, exist_ok=True)
     data.save_item_mapping(out / "item_mapping.tsv")
     stats = data.stats()
     log.info("data: %s", json.dumps(stats))
     features = features or out / "features"
-    summary = ensure_features(data, data_path, features, progress)
+    summary = ensure_features(data, data_path, features, progress, item_text, posters)
     log.info("features: %s", json.dumps({k: {"status": v["status"], "coverage": v.get("coverage")}
                                           for k, v in summary.items()}))
+    if (note := modality_note(summary)) is not None:
+        log.warning("%s", note)
     report = {"data": stats, "features": summary, "seed": seed, "runs": {}}
     for protocol in ("sampled", "full"):
         result = evaluate(popularity_scorer(data), data, "test", protocol, seed=seed, cache_dir=out / "cache",
@@ -80,11 +99,20 @@ def run_pipeline(data: SequenceDataset, data_path: Path, out: Path, features: Pa
     return report
 
 
+def feature_lines(summary: dict) -> list[str]:
+    """'Features: text 1682 items, visual 0 items.' and, when a modality is empty, what that means."""
+    if not summary:
+        return []
+    counts = ", ".join(f"{name} {(summary.get(name) or {}).get('coverage', 0)} items" for name in ("text", "visual"))
+    note = modality_note(summary)
+    return [f"Item features: {counts}" + (f"; {note}." if note else ".")]
+
+
 def markdown_report(report: dict) -> str:
     """The pipeline's results table: test split, both protocols, each run's best validation round."""
     lines = [f"Test split, {report['data']['users']} users, seed {report['seed']}; sampled = 1 + "
              f"{next(iter(report['runs'].values()))['test_sampled'].get('negatives', 100)} candidates, "
-             "full = all items (history excluded).", "",
+             "full = all items (history excluded).", *feature_lines(report.get("features") or {}), "",
              "| run | protocol | best round | " + " | ".join(METRIC_NAMES) + " |",
              "|---|---|---|" + "---|" * len(METRIC_NAMES)]
     for name, run in report["runs"].items():

@@ -156,7 +156,8 @@ def test_table_errors_name_column_and_line(tmp_path):
     with pytest.raises(DataError, match=r"t.csv:3: column 'timestamp' value 'notatime'"):
         read_interactions(path)
     path.write_text("u,i,timestamp\na,x,1\n")
-    with pytest.raises(DataError, match=r"missing column\(s\) \['user', 'item'\]"):
+    with pytest.raises(DataError, match=r"t.csv:1: cannot find the user and item column\(s\) among \['u', 'i', "
+                                        r"'timestamp'\] .*name them with --user-col/--item-col"):
         read_interactions(path)
     path.write_text("user,item,timestamp\na,x,1\na,y,2,9\n")
     with pytest.raises(DataError, match="malformed table"):

@@ -55,6 +55,13 @@ GOOD = "".join(f"{u}::{i}::4::{1000 + i}\n" for u in (1, 2) for i in range(1, 6)
 MOVIES = "1::Toy Story (1995)::Animation\n2::Heat (1995)::Action\n"
 HEADER = "UserID\tMovieID\tSeqPos\n"
 TABLE = "user,item,timestamp\n" + "".join(f"u{u},i{i},{i}\n" for u in (1, 2) for i in range(1, 4))
+INTER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(
+    f"{u}\t{i}\t4\t{i}\n" for u in (1, 2) for i in range(1, 4))  # 6 rows
+ITEM = "item_id:token\tmovie_title:token_seq\n1\tA\n2\tB\n"
+UDATA = "".join(f"{u}\t{i}\t4\t{i}\n" for u in (1, 2) for i in range(1, 4))  # 6 lines
+UITEM = "".join(f"{i}|Film {i} (1995)|01-Jan-1995||http://x|" + "|".join(["0"] * 18 + ["1"]) + "\n" for i in (1, 2))
+RATINGS_CSV = "userId,movieId,rating,timestamp\n1,1,3.5,1\n1,2,4.0,2\n1,3,4.5,3\n"
+MOVIES_CSV = 'movieId,title,genres\n1,"Heat, The (1995)",Action\n2,B (1995),Drama\n'
 
 
 def ratings(text: str | bytes, name: str = "ratings.dat", **extra: str | bytes) -> Callable[[Path], Action]:
@@ -247,8 +254,10 @@ HOSTILE = [
     Case("table: truncated (last line cut mid-row)", table(TABLE + "u3,i4"), DataError,
          r"t\.csv:8: column 'timestamp' value '' is empty \(a missing field or a truncated line\?\)"),
     Case("table: too many fields", table(TABLE + "u3,i4,5,6\n"), DataError, r"t\.csv: malformed table"),
-    Case("table: missing columns", table("uid,sku,timestamp\na,x,1\n"), DataError,
-         r"t\.csv:1: missing column\(s\) \['user', 'item'\]"),
+    Case("table: no user or item column under a common name", table("uid,sku,timestamp\na,x,1\n"), DataError,
+         r"t\.csv:1: cannot find the user and item column\(s\) among \['uid', 'sku', 'timestamp'\] \(common names "
+         r"looked for: user: user_id, userId, UserID, user, \.\.\.; item: item_id, movieId, .*\); "
+         r"name them with --user-col/--item-col"),
     Case("table: empty user id", table(TABLE + ",i4,5\n"), DataError, r"t\.csv:8: empty value in column 'user'"),
     Case("table: non-numeric timestamp", table(TABLE + "u3,i4,soon\n"), DataError,
          r"t\.csv:8: column 'timestamp' value 'soon' is not a number or a date"),
@@ -258,6 +267,60 @@ HOSTILE = [
          r"t\.csv:8: column 'timestamp' value '1e400' is not a finite number"),
     Case("table: parquet that is not parquet", table(garbage(seed=2), name="t.parquet"), DataError,
          r"t\.parquet: cannot read table"),
+    Case("table: two columns could be the user (ambiguous)", table("user_id,user,item_id,timestamp\na,b,x,1\n"),
+         DataError, r"t\.csv:1: ambiguous table: several columns could be the user: \['user_id', 'user'\]; "
+                    r"pick one with --user-col"),
+    Case("table: several tables in the folder", ratings(TABLE, name="a.csv", **{"b.csv": TABLE}), DataError,
+         r"several tables in this folder \['a\.csv', 'b\.csv'\]; pass the one to use with --data FILE"),
+    # ---- RecBole atomic files
+    Case("recbole: header field without a type", ratings(INTER.replace("item_id:token", "item_id"), name="x.inter"),
+         DataError, r"x\.inter:1: not a RecBole atomic-file header \(tab-separated name:type fields"),
+    Case("recbole: unknown field type", ratings(INTER.replace("item_id:token", "item_id:string"), name="x.inter"),
+         DataError, r"x\.inter:1: not a RecBole atomic-file header"),
+    Case("recbole: no time field", ratings("user_id:token\titem_id:token\trating:float\n1\t2\t3\n", name="x.inter"),
+         DataError, r"x\.inter:1: cannot find the time column\(s\) among \['user_id', 'item_id', 'rating'\]"),
+    Case("recbole: non-numeric timestamp", ratings(INTER + "3\t4\t5\tsoon\n", name="x.inter"), DataError,
+         r"x\.inter:8: column 'timestamp' value 'soon' is not a number or a date"),
+    Case("recbole: UTF-16 .inter", ratings(INTER.encode("utf-16"), name="x.inter"), DataError,
+         r"x\.inter:1: wrong encoding"),
+    Case("recbole: two .inter files", ratings(INTER, name="a.inter", **{"b.inter": INTER}), DataError,
+         r"the 'recbole' layout needs one NAME\.inter file, found 2 \['a\.inter', 'b\.inter'\]; pass the one"),
+    Case("recbole: .item repeats an item", ratings(INTER, name="x.inter", **{"x.item": ITEM + "1\tAgain\n"}),
+         DataError, r"x\.item:4: item '1' appears twice"),
+    Case("recbole: .item without the .inter's item field",
+         ratings(INTER, name="x.inter", **{"x.item": "id:token\ttitle:token_seq\n1\tA\n"}), DataError,
+         r"x\.item:1: no 'item_id' field \(the item field of the \.inter file\); found \['id', 'title'\]"),
+    Case("recbole: a side file passed as --data", lambda tmp: ((tmp / "x.item").write_text(ITEM),
+                                                               lambda: load_dataset(tmp / "x.item"))[1],
+         DataError, r"x\.item: a RecBole side file: pass the NAME\.inter file"),
+    # ---- MovieLens 100K
+    Case("ml100k: too few fields", ratings(UDATA + "1\t2\t3\n", name="u.data"), DataError,
+         r"u\.data:7: expected 4 fields \(UserID, MovieID, Rating, Timestamp\), found 3"),
+    Case("ml100k: non-numeric item", ratings(UDATA + "1\tx\t3\t4\n", name="u.data"), DataError,
+         r"u\.data:7: MovieID 'x' is not an integer"),
+    Case("ml100k: u.item with too few fields", ratings(UDATA, name="u.data", **{"u.item": UITEM + "3|Short|x\n"}),
+         DataError, r"u\.item:3: expected 24 fields \(movie id\|title\|release date\|.*found 3"),
+    Case("ml100k: u.item genre flag not 0/1",
+         ratings(UDATA, name="u.data", **{"u.item": UITEM.replace("|0|0|1\n", "|0|0|2\n", 1)}), DataError,
+         r"u\.item:1: genre flags must be 0 or 1"),
+    # ---- MovieLens 10M / 20M+
+    Case("ml10m: non-numeric rating", ratings(GOOD + "1::2::great::4\n", **{"tags.dat": "1::2::x::3\n"}), DataError,
+         r"ratings\.dat:11: Rating 'great' is not a number"),
+    Case("ml10m without tags.dat (read as ml1m): a half-star rating", ratings(GOOD + "1::2::3.5::4\n"), DataError,
+         r"ratings\.dat:11: Rating '3\.5' is not an integer \(MovieLens 10M has half-star ratings: pass --layout "
+         r"ml10m\)"),
+    Case("ml20m: ratings.csv with another header", ratings("user,movie,rating,timestamp\n1,2,3,4\n",
+                                                           name="ratings.csv", **{"movies.csv": MOVIES_CSV}),
+         DataError, r"ratings\.csv:1: header must be 'userId,movieId,rating,timestamp'"),
+    Case("ml20m: negative movieId", ratings(RATINGS_CSV + "1,-4,3.5,9\n", name="ratings.csv",
+                                            **{"movies.csv": MOVIES_CSV}),
+         DataError, r"ratings\.csv:5: movieId -4 is not a positive integer"),
+    Case("ml20m: movies.csv with another header", ratings(RATINGS_CSV, name="ratings.csv",
+                                                          **{"movies.csv": "id,name,genres\n1,A,B\n"}),
+         DataError, r"movies\.csv:1: header must start with 'movieId,title,genres'"),
+    Case("ml20m: movies.csv with a non-numeric movieId", ratings(RATINGS_CSV, name="ratings.csv",
+                                                                 **{"movies.csv": MOVIES_CSV + "abc,X,Y\n"}),
+         DataError, r"movies\.csv:4: movieId 'abc' is not a positive integer"),
     Case("missing data path", lambda tmp: lambda: read_interactions(tmp / "nope"), DataError,
          r"nope: not found\. Download MovieLens-1M"),
     # ---- feature files
@@ -503,6 +566,13 @@ CLI = [
     ("--data is another .dat file", lambda t: ((t / "ratings_old.dat").write_text(GOOD),
                                                ["data", "stats", "--data", str(t / "ratings_old.dat")])[1],
      r"ratings_old\.dat: the 'ml1m' layout reads ratings\.dat"),
+    ("recommend for a user outside --top-users", lambda t: ["recommend", "--data", str(tiny_data(t)), "--checkpoint",
+                                                            str(t / "run"), "--user", "4", "--top-users", "2"],
+     r"user '4' has 7 interactions but is not among the 2 most active users kept by --top-users 2 \(the least "
+     r"active kept user has 14, this one ranks 6 of 6\); pass --top-users all \(or --top-users 6\)"),
+    ("recommend for an unknown user", lambda t: ["recommend", "--data", str(tiny_data(t)), "--checkpoint",
+                                                 str(t / "run"), "--user", "77", "--top-users", "all"],
+     r"user '77' is not in .*ratings\.dat: no interaction has that user id \(ids there look like '1', '2', '3'"),
     ("missing --checkpoint", lambda t: ["evaluate", "--data", str(tiny_data(t)), "--checkpoint", str(t / "run")],
      r"run/config\.json: not found; is .* a feddmmr run directory"),
     ("missing --init", lambda t: ["train", "--stage", "3", "--data", str(tiny_data(t)), "--out", str(t / "o"),

@@ -82,6 +82,11 @@ def table_text(rows: list[Row]) -> str:
     return buffer.getvalue()
 
 
+def recbole_text(rows: list[Row]) -> str:
+    return "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + "".join(
+        f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows)
+
+
 @contextmanager
 def time_limit(seconds: int):
     def fail(*_):
@@ -139,6 +144,20 @@ def test_table_layout_round_trips_and_remaps_ids(rows):
     assert data.num_items == len(items) + 1 and list(data.item_raw_ids[1:]) == items  # 0 is padding
 
 
+@settings(max_examples=40, **SETTINGS)
+@given(rows=TABLE_ROWS)
+def test_recbole_layout_round_trips_and_remaps_ids(rows):
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "x.inter").write_text(recbole_text(rows), encoding="utf-8")
+        try:
+            data = load_dataset(folder)
+        except DataError as exc:
+            assert "no user has at least" in str(exc)
+            return
+    assert data.layout == "recbole"
+    check_round_trip(data, rows, raw_item=lambda index: data.item_raw_ids[index])
+
+
 # --------------------------------------------------------------------------- corruptions
 
 @st.composite
@@ -169,6 +188,10 @@ def corrupted(draw, clean: bytes) -> bytes:
 
 LAYOUT_FILES = {  # file name -> (clean content from rows)
     "ratings.dat": lambda rows: ml1m_text(rows).encode(),
+    "u.data": lambda rows: "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows).encode(),
+    "x.inter": lambda rows: recbole_text(rows).encode(),
+    "ratings.csv": lambda rows: ("userId,movieId,rating,timestamp\n" + "".join(
+        f"{u},{i},{r - 0.5},{t}\n" for u, i, r, t in rows)).encode(),
     "ratings.dat.gz": lambda rows: gzip.compress(ml1m_text(rows).encode(), mtime=0),
     "interactions_all_users_ordered.tsv": lambda rows: ("UserID\tMovieID\tSeqPos\n" + "".join(
         f"{u}\t{i}\t{t}\n" for u, i, _, t in rows)).encode(),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .readers import DataError, Interactions, TableColumns, read_interactions
+from .readers import REMAPPED, DataError, Interactions, TableColumns, read_interactions
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ class SequenceDataset:
     item_raw_ids: np.ndarray | None = None  # index -> raw id for remapped (custom) datasets
     titles: dict = field(default_factory=dict)  # item index -> title
     dropped_users: int = 0
+    item_texts: dict = field(default_factory=dict)  # item index -> text, from the dataset's item file
+    item_file: str | None = None  # that item file (None: none, or ML-1M whose texts come from movies.dat)
 
     @property
     def num_users(self) -> int:
@@ -150,13 +152,22 @@ def top_users(counts: np.ndarray, raw_ids: np.ndarray, n: int) -> np.ndarray:
 def build_sequences(table: Interactions, top_n: int | None = None,
                     min_interactions: int = MIN_INTERACTIONS) -> SequenceDataset:
     users, items, order = table.users, table.items, table.order
-    remap = table.layout == "table"
+    remap = table.layout in REMAPPED
+    item_texts: dict = {}
     if remap:
         raw_items, item_index = np.unique(items, return_inverse=True)
         item_index = item_index.astype(np.int64) + 1
         item_raw_ids = np.concatenate([np.array([""], dtype=object), raw_items.astype(object)])
         num_items = len(raw_items) + 1
+        metadata = table.metadata
         titles = {}
+        if metadata is not None:
+            for index in range(1, num_items):
+                raw = item_raw_ids[index]
+                if raw in metadata.titles:
+                    titles[index] = metadata.titles[raw]
+                if raw in metadata.texts:
+                    item_texts[index] = metadata.texts[raw]
     else:
         if items.min() < 1 or users.min() < 1:
             bad = int(np.flatnonzero((items < 1) | (users < 1))[0])
@@ -191,8 +202,33 @@ def build_sequences(table: Interactions, top_n: int | None = None,
     lengths = counts[kept_rows]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     assert len(seq_items) == offsets[-1]
+    item_file = getattr(table.metadata, "source", None)
     return SequenceDataset(seq_items, offsets, raw_users[kept_rows], num_items, table.layout,
-                           str(table.source), item_raw_ids, titles, dropped)
+                           str(table.source), item_raw_ids, titles, dropped, item_texts,
+                           str(item_file) if item_file else None)
+
+
+def why_absent(table: Interactions, user: str, top_n: int | None,
+                min_interactions: int = MIN_INTERACTIONS) -> str:
+    """Why raw user id ``user`` is not among a dataset's users, and what to pass instead (one line)."""
+    raw_users, user_row = np.unique(table.users, return_inverse=True)
+    counts = np.bincount(user_row, minlength=len(raw_users))
+    match = np.flatnonzero(raw_users.astype(str) == user)
+    if match.size == 0:
+        examples = ", ".join(repr(str(u)) for u in raw_users[:3])
+        return (f"user {user!r} is not in {table.source}: no interaction has that user id "
+                f"(ids there look like {examples}, ...)")
+    count = int(counts[match[0]])
+    if count < min_interactions:
+        return (f"user {user!r} has {count} interaction(s) in {table.source}; at least {min_interactions} are needed "
+                "(training, validation, test), so they are not among the dataset's users")
+    eligible = np.flatnonzero(counts >= min_interactions)
+    order = eligible[np.lexsort((raw_users[eligible], -counts[eligible]))]
+    rank = int(np.flatnonzero(order == match[0])[0]) + 1
+    last = int(counts[order[top_n - 1]]) if top_n and top_n <= len(order) else 0
+    return (f"user {user!r} has {count} interactions but is not among the {top_n:,} most active users kept by "
+            f"--top-users {top_n} (the least active kept user has {last}, this one ranks "
+            f"{rank:,} of {len(order):,}); pass --top-users all (or --top-users {rank}) to recommend for them")
 
 
 def load_dataset(path: Path | str, layout: str | None = None, top_users: int | None = None,

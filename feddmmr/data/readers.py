@@ -1,4 +1,4 @@
-"""Readers for the three accepted input layouts.
+"""Readers for the ML-1M layouts and generic tables; the other layouts are in :mod:`.formats`.
 
 Every reader returns an :class:`Interactions` table in file order plus a key that orders each
 user's interactions in time. Every problem is raised as :class:`DataError` naming the file,
@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +34,15 @@ GROUPLENS_HINT = (
     "Download MovieLens-1M from GroupLens (https://files.grouplens.org/datasets/movielens/ml-1m.zip), "
     "unzip it and pass the folder with --data. Accepted layouts: 'ml1m' (a folder with ratings.dat "
     "[UserID::MovieID::Rating::Timestamp], movies.dat, users.dat), 'ml1m-ordered' (a folder with "
-    "interactions_all_users_ordered.tsv[.gz] [UserID, MovieID, SeqPos]) or 'table' (a CSV/TSV/Parquet "
+    "interactions_all_users_ordered.tsv[.gz] [UserID, MovieID, SeqPos]), 'ml100k' (u.data, u.item), "
+    "'ml10m' (MovieLens 10M/20M/25M/32M: ratings.dat + movies.dat + tags.dat, or ratings.csv + movies.csv), "
+    "'recbole' (RecBole atomic files NAME.inter [+ NAME.item]) or 'table' (a CSV/TSV/Parquet "
     "file with user, item, timestamp and optional rating columns)."
 )
 
 ORDERED_NAME = "interactions_all_users_ordered.tsv"
-LAYOUTS = ("ml1m", "ml1m-ordered", "table")
+LAYOUTS = ("ml1m", "ml1m-ordered", "ml100k", "ml10m", "recbole", "table")
+REMAPPED = ("ml100k", "ml10m", "recbole", "table")  # layouts whose item ids are remapped to 1..n
 INT64_MAX = 2**63 - 1
 # ids index the embedding table directly: 10M rows is already several GB of parameters
 MAX_ITEM_ID = 10_000_000
@@ -67,6 +71,8 @@ class Interactions:
     source: Path
     titles: dict  # raw item id -> display title (may be empty)
     known_items: np.ndarray | None = None  # raw ids listed in a catalogue file (movies.dat)
+    metadata: object = None  # formats.ItemMetadata of the dataset's item file (remapped layouts)
+    item_column: str | None = None  # the table's item column (a RecBole .item file is keyed by it)
 
 
 # --------------------------------------------------------------------------- text lines
@@ -279,8 +285,14 @@ def read_ml1m(folder: Path) -> Interactions:
     ratings_path = _find(folder, "ratings.dat")
     if ratings_path is None:
         raise DataError(folder / "ratings.dat", "file not found. " + GROUPLENS_HINT)
-    table = _dedupe(ratings_path, _int_rows(ratings_path, "::", ("UserID", "MovieID", "Rating", "Timestamp")),
-                    header=False)
+    try:
+        rows = _int_rows(ratings_path, "::", ("UserID", "MovieID", "Rating", "Timestamp"))
+    except DataError as exc:
+        if exc.problem.startswith("Rating '") and re.fullmatch(r"Rating '\d+\.\d+' is not an integer", exc.problem):
+            raise DataError(exc.path, exc.problem + " (MovieLens 10M has half-star ratings: pass --layout ml10m)",
+                            exc.line) from None
+        raise
+    table = _dedupe(ratings_path, rows, header=False)
     titles, known = _catalogue(folder)
     users_path = _find(folder, "users.dat")
     if users_path is not None:
@@ -317,14 +329,22 @@ def _catalogue(folder: Path) -> tuple[dict[int, str], np.ndarray | None]:
 
 @dataclass(frozen=True)
 class TableColumns:
-    user: str = "user"
-    item: str = "item"
-    time: str = "timestamp"
+    """A table's column names; None = found by its common names (``formats.COLUMN_NAMES``)."""
+
+    user: str | None = None
+    item: str | None = None
+    time: str | None = None
     rating: str | None = None
 
 
-def read_table(path: Path, columns: TableColumns = TableColumns()) -> Interactions:
-    """A CSV/TSV/Parquet table; ids may be any strings (they are remapped later)."""
+def read_table(path: Path, columns: TableColumns = TableColumns(), sep: str | None = None,
+               typed_header: bool = False, layout: str = "table") -> Interactions:
+    """A CSV/TSV/Parquet table; ids may be any strings (they are remapped later).
+
+    ``typed_header``: a RecBole atomic file, whose header fields are ``name:type``; the names are
+    matched without their types.
+    """
+    from .formats import is_recbole_header, recbole_field_types, resolve_columns
     import io
 
     import pandas as pd
@@ -343,8 +363,9 @@ def read_table(path: Path, columns: TableColumns = TableColumns()) -> Interactio
             raw = _read_raw(path)
             if b"\x00" in raw or raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
                 _first_text_error(path)
-            frame = pd.read_csv(io.BytesIO(raw), sep="\t" if ".tsv" in suffixes else ",", dtype=str,
-                                keep_default_na=False, encoding="utf-8", compression=None)
+            frame = pd.read_csv(io.BytesIO(raw), sep=sep or ("\t" if ".tsv" in suffixes else ","), dtype=str,
+                                keep_default_na=False, encoding="utf-8", compression=None,
+                                quoting=3 if typed_header else 0)
     except UnicodeDecodeError as exc:
         _first_text_error(path)
         raise DataError(path, f"wrong encoding: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
@@ -358,11 +379,15 @@ def read_table(path: Path, columns: TableColumns = TableColumns()) -> Interactio
         raise DataError(path, f"cannot read table: {exc}") from None
     if frame.empty:
         raise DataError(path, "table has a header but no rows")
-    wanted = [c for c in (columns.user, columns.item, columns.time, columns.rating) if c]
-    missing = [c for c in wanted if c not in frame.columns]
-    if missing:
-        raise DataError(path, f"missing column(s) {missing}; found {list(frame.columns)} "
-                              "(set the names with --user-col/--item-col/--time-col/--rating-col)", 1)
+    if typed_header:
+        header = [str(c) for c in frame.columns]
+        if not is_recbole_header("\t".join(header)):
+            raise DataError(path, f"not a RecBole atomic-file header (tab-separated name:type fields, e.g. "
+                                  f"'user_id:token'): {header}", 1)
+        frame.columns = list(recbole_field_types(path, header))
+        columns = TableColumns(*(c.split(":", 1)[0] if c else None
+                                 for c in (columns.user, columns.item, columns.time, columns.rating)))
+    columns = resolve_columns(path, [str(c) for c in frame.columns], columns)
     users = frame[columns.user].astype(str).to_numpy()
     items = frame[columns.item].astype(str).to_numpy()
     for name, values in ((columns.user, users), (columns.item, items)):
@@ -375,7 +400,7 @@ def read_table(path: Path, columns: TableColumns = TableColumns()) -> Interactio
     if keep is not None:
         users, items, order = users[keep], items[keep], order[keep]
         ratings = ratings[keep] if ratings is not None else None
-    return Interactions(users, items, order, ratings, "table", path, {})
+    return Interactions(users, items, order, ratings, layout, path, {}, item_column=columns.item)
 
 
 def _first_text_error(path: Path) -> None:
@@ -415,26 +440,80 @@ def _numeric(path: Path, series, name: str, allow_dates: bool = False) -> np.nda
 
 # --------------------------------------------------------------------------- layout detection
 
+TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".csv.gz", ".tsv.gz")
+
+
+def _tables(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.iterdir()) if p.name.lower().endswith(TABLE_SUFFIXES) and p.is_file()]
+
+
+def _sniffed_files(folder: Path, limit: int = 50) -> list[tuple[Path, str]]:
+    """(file, layout) for the folder's other files whose first line tells their layout (the first ``limit``)."""
+    from .formats import sniff
+
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")][:limit]
+    return [(p, layout) for p in files if (layout := sniff(p)) is not None]
+
+
+def _is_ml10m_dat(folder: Path) -> bool:
+    """MovieLens 10M ships tags.dat beside ratings.dat (ML-1M ships users.dat instead)."""
+    return _find(folder, "tags.dat") is not None and _find(folder, "users.dat") is None
+
+
 def detect_layout(path: Path) -> str:
+    """The layout of a folder or file: by file name first, then by content (see README, 'Data')."""
+    from .formats import sniff
+
     if path.is_dir():
         if _find(path, "ratings.dat") is not None:
-            return "ml1m"
+            return "ml10m" if _is_ml10m_dat(path) else "ml1m"
         if _find(path, ORDERED_NAME) is not None:
             return "ml1m-ordered"
-        tables = [p for p in sorted(path.iterdir()) if p.suffix.lower() in (".csv", ".tsv", ".parquet")]
+        if _find(path, "u.data") is not None:
+            return "ml100k"
+        inter = [p for p in sorted(path.iterdir()) if p.name.endswith(".inter")]
+        if inter:
+            return "recbole"
+        ratings_csv = _find(path, "ratings.csv")
+        if ratings_csv is not None and (_find(path, "movies.csv") is not None or sniff(ratings_csv) == "ml10m"):
+            return "ml10m"
+        tables = _tables(path)
         if len(tables) == 1:
-            return "table"
+            return sniff(tables[0]) or "table"
+        if len(tables) > 1:
+            raise DataError(path, f"several tables in this folder {[p.name for p in tables]}; pass the one "
+                                  "to use with --data FILE")
+        sniffed = _sniffed_files(path)
+        if len(sniffed) == 1:
+            return sniffed[0][1]
+        if len(sniffed) > 1:
+            raise DataError(path, f"several data files in this folder {[p.name for p, _ in sniffed]}; pass the "
+                                  "one to use with --data FILE")
         raise DataError(path, "no recognised data files in this folder. " + GROUPLENS_HINT)
     if not path.exists():
         raise DataError(path, "not found. " + GROUPLENS_HINT)
     name = path.name.lower()
     if name.startswith(ORDERED_NAME.lower()):
         return "ml1m-ordered"
+    if name in ("ratings.dat", "ratings.dat.gz") and _is_ml10m_dat(path.parent):
+        return "ml10m"
     if name.endswith((".dat", ".dat.gz")):
         return "ml1m"
-    if name.endswith((".csv", ".tsv", ".parquet", ".csv.gz", ".tsv.gz")):
+    if name in ("u.data", "u.data.gz"):
+        return "ml100k"
+    if name.endswith(".inter"):
+        return "recbole"
+    if name.endswith((".item", ".user", ".kg", ".link", ".net")):
+        raise DataError(path, "a RecBole side file: pass the NAME.inter file (or its folder); the .item file "
+                              "beside it is read for item titles and texts")
+    if name in ("ratings.csv", "ratings.csv.gz") and _find(path.parent, "movies.csv") is not None:
+        return "ml10m"
+    found = sniff(path) if not name.endswith(".parquet") else None
+    if found is not None:
+        return found
+    if name.endswith(TABLE_SUFFIXES):
         return "table"
-    raise DataError(path, "cannot tell the layout from this file name. " + GROUPLENS_HINT)
+    raise DataError(path, "cannot tell the layout from this file name or its first line. " + GROUPLENS_HINT)
 
 
 def read_interactions(path: Path | str, layout: str | None = None,
@@ -452,12 +531,44 @@ def read_interactions(path: Path | str, layout: str | None = None,
         return read_ml1m(path if path.is_dir() else path.parent)
     if layout == "ml1m-ordered":
         return read_ml1m_ordered(path)
+    if layout in ("ml100k", "ml10m", "recbole"):
+        from . import formats
+
+        if path.is_dir() and not _canonical_file(path, layout):  # a folder holding one such file, any name
+            sniffed = [p for p, found in _sniffed_files(path) if found == layout]
+            if len(sniffed) == 1:
+                path = sniffed[0]
+        if layout == "recbole":
+            return formats.read_recbole(path, columns)
+        return formats.read_ml100k(path) if layout == "ml100k" else formats.read_ml10m(path)
     if path.is_dir():
-        tables = [p for p in sorted(path.iterdir()) if p.suffix.lower() in (".csv", ".tsv", ".parquet")]
+        tables = _tables(path)
         if len(tables) != 1:
-            raise DataError(path, f"layout 'table' needs one CSV/TSV/Parquet file, found {len(tables)}")
+            raise DataError(path, f"layout 'table' needs one CSV/TSV/Parquet file, found {len(tables)}"
+                                  + (f" {[p.name for p in tables]}; pass the one to use with --data FILE"
+                                     if tables else ""))
         path = tables[0]
-    return read_table(path, columns)
+    return read_table(path, columns, sep="\t" if sniff_tab(path) else None)
+
+
+def _canonical_file(folder: Path, layout: str) -> bool:
+    if layout == "ml100k":
+        return _find(folder, "u.data") is not None
+    if layout == "ml10m":
+        return _find(folder, "ratings.csv") is not None or _find(folder, "ratings.dat") is not None
+    return any(p.name.endswith(".inter") for p in folder.iterdir())
+
+
+def sniff_tab(path: Path) -> bool:
+    """A '.txt'-like table whose header is tab-separated (the suffix decides for .csv/.tsv/.parquet)."""
+    name = path.name.lower()
+    if name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".parquet")) or not path.is_file():
+        return False
+    try:
+        first = _read_raw(path)[:65536].split(b"\n", 1)[0]
+    except DataError:
+        return False
+    return b"\t" in first and b"," not in first
 
 
 def read_json_gz(path: Path) -> dict:

@@ -39,7 +39,8 @@ def add_features_parser(sub) -> None:
     ex.add_argument("--posters", type=Path, default=None, help="poster folder with <raw id>.jpg "
                                                                "(default: DATA/posters)")
     ex.add_argument("--item-text", type=Path, default=None,
-                    help="item<TAB>text file keyed by raw item id (custom datasets; overrides ML-1M texts)")
+                    help="item<TAB>text file keyed by raw item id (default: the dataset's item file, e.g. "
+                         "u.item, movies.csv, NAME.item; for ML-1M movies.dat and its plots)")
     ex.add_argument("--modality", choices=["text", "visual", "both"], default="both")
     ex.add_argument("--force", action="store_true", help="recompute even if the input hash matches")
     ex.add_argument("--text-batch", type=int_at_least(1), default=64)

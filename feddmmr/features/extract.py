@@ -230,7 +230,8 @@ def run_extract(data, data_path: Path, out_dir: Path, text_encoder: str | None =
     known = known_items(data.item_raw_ids, data.occurring_items(), catalogue)
     summary: dict = {}
     if "text" in modalities:
-        texts = item_texts(folder, data.item_raw_ids, data.num_items, known, item_text)
+        texts = item_texts(folder, data.item_raw_ids, data.num_items, known, item_text,
+                           getattr(data, "item_texts", None))
         set_threads(threads)
         table, status = extract_text(texts, data.num_items, out_dir / TEXT_FILE, text_encoder, force,
                                      text_batch, progress)

@@ -2,8 +2,10 @@
 
 ML-1M: title, year and genres from ``movies.dat`` plus, in order of preference, the OMDb plot
 (``text/movies_extrainfos.dat.gz``), else the DBpedia abstract (``text/dbpedia_abstracts.json.gz``),
-else nothing more. Custom datasets have no titles, so their text comes from an ``item<TAB>text``
-file keyed by raw item id. The source of every text is kept so the metadata can say how many
+else nothing more. Other layouts take each item's text from the dataset's item file (``u.item``,
+``movies.csv``/``movies.dat``, RecBole ``NAME.item``: title, year, categories and the other text
+fields; see :mod:`feddmmr.data.formats`); an ``item<TAB>text`` file keyed by raw item id
+(``--item-text``) overrides both. The source of every text is kept so the metadata can say how many
 items rest on a real description and how many on a bare title.
 """
 
@@ -15,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.formats import compose, split_title  # noqa: F401  (re-exported: moved to the data layer)
 from ..data.readers import (DataError, _find, _int_field, _open_text_lines, _split_fields, read_json_gz,
                             read_movie_genres, read_movies)
 
@@ -26,11 +29,6 @@ EXTRAINFO_FORM = "MovieID::title::year::rated::released::genre::director::writer
 PLOT_FIELD = 9  # 0-based: field 10 of 11
 NO_VALUE = {"", "N/A", "n/a", "None"}
 
-_YEAR = re.compile(r"^(.*\S)\s*\((\d{4})\)\s*$")
-# "American President, The" -> "The American President" (also before an alternative title)
-_ARTICLE = re.compile(r"^(.*?), (The|A|An|La|Le|Les|L'|Il|El|Das|Der|Die|Den|Det)( \(.*\))?$")
-
-
 @dataclass
 class ItemTexts:
     """Texts by item index, the source of each, and the raw ids of the items the data knows."""
@@ -41,28 +39,6 @@ class ItemTexts:
 
     def source_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(self.sources.values()).items()))
-
-
-def split_title(raw: str) -> tuple[str, str | None]:
-    """'American President, The (1995)' -> ('The American President', '1995')."""
-    match = _YEAR.match(raw)
-    title, year = (match.group(1), match.group(2)) if match else (raw.strip(), None)
-    article = _ARTICLE.match(title)
-    if article:
-        title = f"{article.group(2)} {article.group(1)}{article.group(3) or ''}"
-        title = title.replace("L' ", "L'")
-    return title, year
-
-
-def compose(title: str, year: str | None, genres: str, description: str | None) -> str:
-    """One text per movie: 'Title (Year). Genres: A, B. Description'."""
-    head = f"{title} ({year})" if year else title
-    parts = [head + "."]
-    if genres:
-        parts.append("Genres: " + ", ".join(g for g in genres.split("|") if g) + ".")
-    if description:
-        parts.append(description)
-    return " ".join(parts)
 
 
 def read_plots(path: Path) -> tuple[dict[int, str], dict[int, str]]:
@@ -180,13 +156,18 @@ def movie_catalogue(folder: Path) -> dict[int, object] | None:
 
 
 def item_texts(folder: Path, item_raw_ids, num_items: int, known: dict[int, object],
-               item_text_file: Path | None = None) -> ItemTexts:
-    """Dispatch: an explicit ``--item-text`` file wins; else ML-1M files; else no text (warned)."""
+               item_text_file: Path | None = None, dataset_texts: dict[int, str] | None = None) -> ItemTexts:
+    """Dispatch: an explicit ``--item-text`` file wins; else ML-1M files; else the texts of the
+    dataset's own item file (``dataset_texts``, item index -> text); else no text (warned)."""
     if item_text_file is not None:
         return file_texts(item_text_file, item_raw_ids, num_items, known)
     if item_raw_ids is None:
         result = movie_texts(folder)
         result.known = known
         return result
-    log.warning("custom dataset without --item-text FILE (item<TAB>text): no text features")
+    if dataset_texts:
+        texts = {index: text for index, text in dataset_texts.items() if 0 < index < num_items}
+        log.info("item texts from the dataset's item file: %d of %d indexed items", len(texts), num_items - 1)
+        return ItemTexts(texts, {index: "item_file" for index in texts}, known)
+    log.warning("dataset without an item file and without --item-text FILE (item<TAB>text): no text features")
     return ItemTexts({}, {}, known)

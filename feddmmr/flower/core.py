@@ -28,6 +28,7 @@ import torch
 
 from ..config import ConfigError, TrainConfig, apply_overrides, validate_config
 from ..data.dataset import SequenceDataset, load_dataset
+from ..data.readers import TableColumns
 from ..engine.assemble import LocalClients, assemble, client_seed, stage_config
 from ..evaluation import METRIC_NAMES
 from ..federation.client import pack_clients, unpack_clients
@@ -42,6 +43,10 @@ TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 APP_KEYS = {
     "data": "",  # dataset path (a node may override it with --node-config 'data="..."')
     "layout": "",  # dataset layout (auto-detected when empty)
+    "user_col": "",  # table/RecBole columns, as --user-col & co. ("" = found by their common names)
+    "item_col": "",
+    "time_col": "",
+    "rating_col": "",
     "features": "",  # item feature folder (Stage 2/3; public item content)
     "init": "",  # run directory of the previous stage (same as `feddmmr train --init DIR`)
     "out": "runs/flower",  # the run directory the ServerApp writes
@@ -93,7 +98,9 @@ def load_node_data(config: TrainConfig, run_config: Mapping, node_config: Mappin
     path = path_setting("data", run_config, node_config)
     if path is None:
         raise ConfigError("run config: set `data` (the dataset path), e.g. --run-config 'data=\"/path/ml-1m\"'")
-    return load_dataset(path, str(run_config.get("layout") or "") or None, config.top_users)
+    columns = TableColumns(*(str(run_config.get(key) or "") or None
+                             for key in ("user_col", "item_col", "time_col", "rating_col")))
+    return load_dataset(path, str(run_config.get("layout") or "") or None, config.top_users, columns)
 
 
 # --------------------------------------------------------------------------- partitions
