@@ -85,6 +85,28 @@ def test_memory_snapshot_holds_only_items_before_the_window(tmp_path):
         assert set(client.eval_memory["val"].tolist()) - {0} <= set(train.tolist())
 
 
+def test_the_held_out_items_never_reach_what_a_client_shares(tmp_path):
+    """Prototypes (uploaded every round, and merged into everyone's memory at scoring time) come
+    from the training history only: replacing a user's validation and test items changes nothing
+    the client shares."""
+    data = tiny_dataset(tmp_path)
+    features = tiny_features(tmp_path)
+    config = tiny_config(stage=3)
+    from feddmmr.features.store import load_features
+
+    text, visual = load_features(features)
+    space = ItemSpace(visual.features, text.features)
+    memory = MemoryConfig.from_train_config(config)
+    before = build_clients(data, config.max_seq_len, memory, space)
+    ends = data.offsets[1:]
+    data.items[ends - 2] = np.where(data.items[ends - 2] == 40, 1, 40)  # another validation item
+    data.items[ends - 1] = np.where(data.items[ends - 1] == 39, 2, 39)  # another test item
+    after = build_clients(data, config.max_seq_len, memory, space)
+    for user in before:
+        assert np.array_equal(before[user].prototypes, after[user].prototypes), user
+        assert np.array_equal(before[user].eval_memory["val"], after[user].eval_memory["val"]), user
+
+
 def _trainer(tmp_path, config):
     data = tiny_dataset(tmp_path)
     features = tiny_features(tmp_path) if config.use_memory else None

@@ -69,9 +69,10 @@ def build_client(data: SequenceDataset, user: int, max_len: int, memory_config: 
         snapshots[row] = memory.retrieve()
     memory.observe(train[seen:], novel[seen:len(train)])
     eval_memory = {"val": memory.retrieve()}
+    prototypes = memory.prototypes(prototype_seed)  # shared every round: from training items only
     memory.observe(read[len(train):], novel[len(train):])
     eval_memory["test"] = memory.retrieve()
-    return ClientData(user, inputs, targets, snapshots, eval_memory, memory.prototypes(prototype_seed), memory)
+    return ClientData(user, inputs, targets, snapshots, eval_memory, prototypes, memory)
 
 
 def build_clients(data: SequenceDataset, max_len: int, memory_config: MemoryConfig | None,
