@@ -116,8 +116,9 @@ def memory_scorer(model: UR4RecV2MoE, content: ItemContent, memory_ids: np.ndarr
 
     Over a catalogue streamed in blocks, the experts' item-only terms are computed once for the
     whole evaluation instead of once per batch and block."""
+    blocks = model.num_items > ITEM_BLOCK
     tables = None
-    if memory_ids is not None and model.num_items > ITEM_BLOCK:
+    if memory_ids is not None and blocks:
         with torch.no_grad():
             tables = model.projected_tables()
 
@@ -128,7 +129,7 @@ def memory_scorer(model: UR4RecV2MoE, content: ItemContent, memory_ids: np.ndarr
             memory_visual, memory_text = content.memory(memory_ids[users], prototypes)
         if items is None:
             items = torch.arange(model.num_items).expand(len(users), -1)
-        return model.score(hidden, items, memory_visual, memory_text, tables=tables)
+        return model.score(hidden, items, memory_visual, memory_text, tables=tables, shared_candidates=blocks)
 
     return score
 

@@ -260,11 +260,16 @@ class UR4RecV2MoE(nn.Module):
         return projected[inverse].view(*items.shape, -1), present[inverse].view(items.shape)
 
     def score(self, hidden: torch.Tensor, items: torch.Tensor, memory_visual=None, memory_text=None,
-              target_visual=None, memory_mask=None, tables: dict | None = None) -> torch.Tensor:
+              target_visual=None, memory_mask=None, tables: dict | None = None,
+              shared_candidates: bool = False) -> torch.Tensor:
         """The one scoring rule. ``hidden [B, D]`` (a position), ``items [B, C]`` -> ``[B, C]``
-        (``tables``: :meth:`projected_tables`, when the caller scores many batches with one model)."""
+        (``tables``: :meth:`projected_tables`, when the caller scores many batches with one model;
+        ``shared_candidates``: every row scores the same items, a catalogue block: one matrix product
+        instead of ``[B, C, D]`` products)."""
         bonus, _, _ = self.auxiliary(items, memory_visual, memory_text, target_visual, memory_mask=memory_mask,
                                      tables=tables)
+        if shared_candidates and items.stride(0) == 0:
+            return hidden @ self.sasrec.item_emb(items[0]).T + bonus
         return (hidden.unsqueeze(1) * self.sasrec.item_emb(items)).sum(-1) + bonus
 
     def forward(self, user_ids=None, input_seq: torch.Tensor = None, target_items: torch.Tensor = None,
