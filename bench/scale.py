@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 KEYS = ("users", "items", "stage", "rounds", "clients_per_round", "seconds_per_round", "seconds_per_client",
-        "peak_rss_gb", "bytes_per_client", "eval_seconds", "setup_seconds")
+        "peak_rss_gb", "bytes_per_client", "eval_seconds", "setup_seconds", "final_seconds_per_user")
 
 
 def synthetic_dataset(users: int, items: int, seed: int = 0):
@@ -75,8 +75,29 @@ def stage1_init(folder: Path, data, features: Path) -> Path:
     return folder
 
 
+def score_final_on_a_sample(final_users: int) -> dict:
+    """Make the run's final scoring use ``final_users`` users (a bench of round costs, not of quality:
+    the full final pass of a Stage 3 model over 10^5 users x 10^4 items is hours on 2 cores)."""
+    from feddmmr import runner
+
+    timing = {"seconds": 0.0, "users": 0}
+
+    class SampledFinal(runner.InProcess):
+        def evaluate(self, model, prototypes, requests, tag=None, users=None):
+            if tag != "final" or final_users <= 0 or final_users >= self.num_users:
+                return super().evaluate(model, prototypes, requests, tag, users)
+            sample = np.sort(np.random.default_rng(0).choice(self.num_users, final_users, replace=False))
+            tick = time.time()
+            results = super().evaluate(model, prototypes, requests, tag, sample)
+            timing.update(seconds=time.time() - tick, users=final_users)
+            return results
+
+    runner.InProcess = SampledFinal
+    return timing
+
+
 def measure(users: int, items: int, stage: int, rounds: int, fraction: float, threads: int,
-            overrides: list[str], queue) -> None:
+            overrides: list[str], final_users: int, queue) -> None:
     """One run in this (child) process; puts the result row on ``queue``."""
     import torch
 
@@ -84,6 +105,7 @@ def measure(users: int, items: int, stage: int, rounds: int, fraction: float, th
     from feddmmr.runner import run_federated
 
     torch.set_num_threads(threads)
+    final = score_final_on_a_sample(final_users)
     tick = time.time()
     data = synthetic_dataset(users, items)
     with tempfile.TemporaryDirectory(prefix="feddmmr-scale-") as tmp:
@@ -107,7 +129,8 @@ def measure(users: int, items: int, stage: int, rounds: int, fraction: float, th
                "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                "bytes_per_client": bytes_per_client,
                "eval_seconds": round(sum(r.get("eval_seconds", 0.0) for r in history["rounds"]) / len(train), 2),
-               "setup_seconds": round(setup_seconds + history.get("memory_build_seconds", 0.0), 1)})
+               "setup_seconds": round(setup_seconds + history.get("memory_build_seconds", 0.0), 1),
+               "final_seconds_per_user": round(final["seconds"] / final["users"], 5) if final["users"] else None})
 
 
 def _transmitted_shapes(config, num_items: int) -> list[tuple[int, ...]]:
@@ -133,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=0.1, help="clients sampled per round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--final-users", type=int, default=0,
+                        help="score the final pass on this many users (0: all; the per-user cost is reported)")
     parser.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -142,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         for items in args.items:
             queue = context.Queue()
             child = context.Process(target=measure, args=(users, items, args.stage, args.rounds, args.fraction,
-                                                           args.threads, args.set, queue))
+                                                           args.threads, args.set, args.final_users, queue))
             child.start()
             child.join()
             row = queue.get() if child.exitcode == 0 else {"users": users, "items": items, "stage": args.stage,
