@@ -8,6 +8,7 @@ and their updates back (with the benchmarks' fault injection: dropouts and attac
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,39 +35,41 @@ class InProcess(LocalClients):
         self.trainer = assembly.trainer()
 
     def train(self, round_number: int, users: np.ndarray, global_state: dict[str, torch.Tensor],
-              prototypes: torch.Tensor | None) -> RoundResult:
-        clients = self.take([int(u) for u in users])
-        updates, dropped = self.local_updates(clients, round_number, users, global_state, prototypes)
-        answered = np.array([u for u, _ in updates], dtype=np.int64)
-        poisoned, attackers = inject_attacks([u for _, u in updates], answered, global_state, self.config,
-                                             round_number)
-        replies = [Reply({"user": int(user)}, [(int(user), update.state, update.num_samples)],
-                         prototypes=[(int(user), update.prototypes)] if update.prototypes is not None else [],
-                         losses=dict(update.metrics), samples=clients[int(user)].num_samples, num_clients=1)
-                   for user, update in zip(answered, poisoned)]
-        return RoundResult(replies, len(updates), dropped, {"attackers": attackers} if attackers else {})
-
-    def local_updates(self, clients: dict[int, ClientData], round_number: int, selected: np.ndarray,
-                      global_state: dict[str, torch.Tensor], prototypes: torch.Tensor | None
-                      ) -> tuple[list[tuple[int, ClientUpdate]], dict[int, str]]:
-        """The round's answers as (user, update), users ascending, and the dropped users with why.
-
-        Dropped: the ``client_dropout`` fault injection (those clients do not train) and every
-        client whose local training raised (see ``LocalTrainer.train_many``)."""
+              prototypes: torch.Tensor | None, offer: Callable[[Reply], None]) -> RoundResult:
+        """Each client's update goes to ``offer`` as its vmapped group finishes; with injected attacks
+        (benchmarks) the round's answers are gathered first, since the attackers are drawn among them."""
         config = self.config
         dropped = {int(u): "fault injection (client_dropout)"
-                   for u in dropped_clients(selected, config.client_dropout, config.seed, round_number)}
-        users = [int(u) for u in selected if int(u) not in dropped]
-        results = self.trainer.train_many([clients[u] for u in users], global_state,
-                                          [client_seed(config.seed, round_number, u) for u in users], prototypes,
-                                          isolate_failures=True)
-        updates = []
-        for user, result in zip(users, results):
+                   for u in dropped_clients(users, config.client_dropout, config.seed, round_number)}
+        trained = [int(u) for u in users if int(u) not in dropped]
+        clients = self.take(trained)
+        seeds = [client_seed(config.seed, round_number, u) for u in trained]
+        stream = self.trainer.train_stream([clients[u] for u in trained], global_state, seeds, prototypes,
+                                           isolate_failures=True)
+        answers, info = [], {}
+        for index, result in stream:
+            user = trained[index]
             if isinstance(result, ClientFailure):
                 dropped[user] = result.reason
+            elif config.attack == "none":
+                offer(self.reply(user, result, clients[user]))
+                answers.append(user)
             else:
-                updates.append((user, result))
-        return updates, dict(sorted(dropped.items()))
+                answers.append((user, result))
+        if config.attack != "none":
+            answers.sort(key=lambda pair: pair[0])
+            poisoned, attackers = inject_attacks([u for _, u in answers], np.array([u for u, _ in answers]),
+                                                 global_state, config, round_number)
+            for (user, _), update in zip(answers, poisoned):
+                offer(self.reply(user, update, clients[user]))
+            info = {"attackers": attackers} if attackers else {}
+        return RoundResult(len(answers), dict(sorted(dropped.items())), info)
+
+    @staticmethod
+    def reply(user: int, update: ClientUpdate, client: ClientData) -> Reply:
+        return Reply({"user": user}, [(user, update.state, update.num_samples)],
+                     prototypes=[(user, update.prototypes)] if update.prototypes is not None else [],
+                     losses=dict(update.metrics), samples=client.num_samples, num_clients=1)
 
 
 def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, features_dir: Path | None = None,

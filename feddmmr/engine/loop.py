@@ -52,9 +52,8 @@ class Reply:
 
 @dataclass
 class RoundResult:
-    """What came back from a round's sampled clients."""
+    """What came back from a round's sampled clients (their replies went to ``offer`` as they came)."""
 
-    replies: list[Reply]
     arrived: int  # sampled clients whose updates arrived
     dropped: dict[int, str]  # user -> why their update did not arrive
     info: dict = field(default_factory=dict)  # recorded in the round's history entry (e.g. injected attackers)
@@ -64,7 +63,10 @@ class Transport(Protocol):
     num_users: int
 
     def train(self, round_number: int, users: np.ndarray, global_state: dict[str, torch.Tensor],
-              prototypes: torch.Tensor | None) -> RoundResult: ...
+              prototypes: torch.Tensor | None, offer: Callable[[Reply], None]) -> RoundResult:
+        """Train ``users`` from ``global_state``; hand each reply to ``offer`` as soon as it exists
+        (the server aggregates while the round runs, never holding every update at once)."""
+        ...
 
     def evaluate(self, model: UR4RecV2MoE, prototypes: torch.Tensor | None, requests: Requests,
                  tag: int | str, users: np.ndarray | None = None) -> list[dict]:
@@ -101,7 +103,14 @@ def run_rounds(config: TrainConfig, model: UR4RecV2MoE, transport: Transport, ru
             selected = dp.sample(round_number)
         else:
             selected = sample_clients(transport.num_users, config.client_fraction, config.seed, round_number)
-        result = transport.train(round_number, selected, global_state, prototypes)
+        if dp:
+            aggregator = dp.aggregator(global_state, round_number)
+        else:
+            aggregator = make_aggregator(global_state, config.aggregation, config.item_embedding_aggregation,
+                                         config.trim_fraction)
+        screen, counted = UpdateScreen(global_state, aggregator, config.clip_norm, round_number), Counted()
+        result = transport.train(round_number, selected, global_state, prototypes,
+                                 lambda reply: counted.offer(screen, reply))
         if result.dropped:
             log.warning("round %d: %d of %d sampled clients dropped: %s", round_number, len(result.dropped),
                         len(selected), "; ".join(f"user {u}: {why}" for u, why in result.dropped.items()))
@@ -115,13 +124,6 @@ def run_rounds(config: TrainConfig, model: UR4RecV2MoE, transport: Transport, ru
                 f"with its state after round "
                 f"{round_number - 1} saved in {run_dir.out_dir / ckpt.RESUME_DIR}: fix the cause (or lower "
                 "min_clients) and resume")
-        if dp:
-            aggregator = dp.aggregator(global_state, round_number)
-        else:
-            aggregator = make_aggregator(global_state, config.aggregation, config.item_embedding_aggregation,
-                                         config.trim_fraction)
-        screen = UpdateScreen(global_state, aggregator, config.clip_norm, round_number)
-        counted = screen_replies(screen, result.replies)
         global_state = server_optimizer.step(global_state, screen.result())
         model.copy_state_(global_state)
         prototypes = merge_prototypes(config, counted.prototypes, round_number, prototypes)
@@ -161,25 +163,21 @@ class Counted:
     samples: int = 0
     clients: int = 0
 
-
-def screen_replies(screen: UpdateScreen, replies: list[Reply]) -> Counted:
-    """Offer every reply to the screen; what counts of those it accepted (a rejected update adds nothing)."""
-    counted = Counted()
-    for reply in replies:
+    def offer(self, screen: UpdateScreen, reply: Reply) -> None:
+        """Offer ``reply`` to the screen; count what it accepted (a rejected update adds nothing)."""
         if reply.sums is not None:
             if not screen.offer_sum(reply.source, *reply.sums):
-                continue
+                return
             accepted = None  # the whole partition
         else:
             accepted = {user for user, state, samples in reply.clients if screen.offer(user, state, samples)}
             if not accepted:
-                continue
-        counted.prototypes += [(u, p) for u, p in reply.prototypes if accepted is None or u in accepted]
+                return
+        self.prototypes += [(u, p) for u, p in reply.prototypes if accepted is None or u in accepted]
         for key, value in reply.losses.items():
-            counted.losses[key] = counted.losses.get(key, 0.0) + value
-        counted.samples += reply.samples
-        counted.clients += reply.num_clients
-    return counted
+            self.losses[key] = self.losses.get(key, 0.0) + value
+        self.samples += reply.samples
+        self.clients += reply.num_clients
 
 
 def merge_prototypes(config: TrainConfig, received: list[tuple[int, np.ndarray]], round_number: int,

@@ -8,7 +8,7 @@ before the window starts, so nothing a window predicts is in the memory it reads
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -265,10 +265,19 @@ class LocalTrainer:
         :class:`ClientFailure`; the others' updates come from their single runs (the same
         algorithm, not bitwise the grouped numbers, since dropout masks are drawn per group).
         """
+        results: list[ClientUpdate | ClientFailure | None] = [None] * len(clients)
+        for index, update in self.train_stream(clients, global_state, seeds, global_prototypes, isolate_failures):
+            results[index] = update
+        return results
+
+    def train_stream(self, clients: list[ClientData], global_state: dict[str, torch.Tensor], seeds: list[int],
+                     global_prototypes: torch.Tensor | None = None, isolate_failures: bool = False
+                     ) -> Iterator[tuple[int, ClientUpdate | ClientFailure]]:
+        """:meth:`train_many`'s results as each vmapped group finishes, ``(index, result)``: a caller
+        that aggregates them at once never holds more than one group's updates."""
         self.model.copy_state_(global_state)
         self.model.train()
         order = sorted(range(len(clients)), key=lambda i: (-len(clients[i].inputs), i))  # similar sizes batch well
-        results: list[ClientUpdate | ClientFailure | None] = [None] * len(clients)
         for lo in range(0, len(order), self.client_batch):
             group = order[lo:lo + self.client_batch]
             try:
@@ -281,9 +290,7 @@ class LocalTrainer:
                 else:
                     updates = [self.train_many([clients[i]], global_state, [seeds[i]], global_prototypes, True)[0]
                                for i in group]
-            for index, update in zip(group, updates):
-                results[index] = update
-        return results
+            yield from zip(group, updates)
 
     # ------------------------------------------------------------------ one vmapped group
     def _plan(self, client: ClientData, generator: torch.Generator) -> list[np.ndarray]:

@@ -205,23 +205,22 @@ class FlowerTransport:
             **({"dropped": dropped} if dropped else {}), **extra})
 
     def train(self, round_number: int, users, global_state: dict[str, torch.Tensor],
-              prototypes: torch.Tensor | None) -> RoundResult:
+              prototypes: torch.Tensor | None, offer) -> RoundResult:
         tick = time.time()
         groups = group_by_partition(users, self.partitions)
         train = self._train_secure if self.secure_on else self._train_plain
         answered, updates, stats, dropped, extra = train(round_number, groups, global_state, prototypes)
         self.note("train", round_number, stats, time.time() - tick, dropped, **extra)
         sources = answered if len(answered) == len(updates) else [None] * len(updates)  # SecAgg+: one sum
-        replies = []
-        for partition, update in zip(sources, updates):
+        for partition, update in zip(sources, updates):  # in partition order
             source = {"partition": int(partition)} if partition is not None else {"nodes": "SecAgg+ sum"}
-            replies.append(Reply(source, clients=update.each,
-                                 sums=None if update.each else (update.sums, update.row_weight, update.total),
-                                 prototypes=update.prototypes, losses=update.losses, samples=update.samples,
-                                 num_clients=update.clients))
+            offer(Reply(source, clients=update.each,
+                        sums=None if update.each else (update.sums, update.row_weight, update.total),
+                        prototypes=update.prototypes, losses=update.losses, samples=update.samples,
+                        num_clients=update.clients))
         lost = {u: f"partition {d['partition']} (node {d['node']}): {d['reason']}"
                 for d in dropped for u in groups.get(d["partition"], [])}
-        return RoundResult(replies, sum(len(groups.get(p, [])) for p in answered), dict(sorted(lost.items())))
+        return RoundResult(sum(len(groups.get(p, [])) for p in answered), dict(sorted(lost.items())))
 
     def _train_plain(self, round_number: int, groups: dict[int, list[int]], global_state, prototypes):
         contents = {p: msgs.train_content(global_state, round_number, users, prototypes) for p, users in groups.items()}
