@@ -86,3 +86,48 @@ def test_popularity_on_a_dataset_where_it_must_win(tmp_path):
     data = load_dataset(write_ratings(tmp_path / "ml", rows))
     result = evaluate(popularity_scorer(data), data, "test", "full", exclude_history=False)
     assert result["HR@5"] == 1.0 and result["MRR"] == 1.0
+
+
+def test_hit_and_ndcg_cut_exactly_at_k():
+    """HR@k and NDCG@k count a 0-based rank r as a hit iff r < k: ranks k-1 are in, ranks k are out.
+
+    Ranks 4, 5, 9, 10, 19, 20 sit on both sides of every cut-off (5, 10, 20), so an off-by-one in
+    either direction (``r < k - 1`` or ``r <= k``) changes every metric.
+    """
+    m = metrics_from_ranks(np.array([4, 5, 9, 10, 19, 20]))
+    assert m["HR@5"] == pytest.approx(1 / 6)
+    assert m["HR@10"] == pytest.approx(3 / 6)
+    assert m["HR@20"] == pytest.approx(5 / 6)
+    gain = {r: 1 / math.log2(r + 2) for r in (4, 5, 9, 10, 19)}
+    assert m["NDCG@5"] == pytest.approx(gain[4] / 6)
+    assert m["NDCG@10"] == pytest.approx((gain[4] + gain[5] + gain[9]) / 6)
+    assert m["NDCG@20"] == pytest.approx((gain[4] + gain[5] + gain[9] + gain[10] + gain[19]) / 6)
+    assert m["MRR"] == pytest.approx(sum(1 / (r + 1) for r in (4, 5, 9, 10, 19, 20)) / 6)
+
+
+def test_a_target_the_user_consumed_before_stays_a_candidate(tmp_path):
+    """Full protocol with history exclusion: the user's earlier items leave the candidates, but the
+    held-out target stays even when the user consumed it earlier too (re-consumption).
+
+    An oracle that scores the target highest must reach MRR 1.0; if exclusion removed the target,
+    it would rank behind every remaining item (ties at -inf count against it).
+    """
+    from .conftest import write_ratings
+
+    rows = []
+    for user in range(1, 7):  # each user re-watches an earlier item as its validation and test target
+        seq = [user, 10 + user, 20, user + 1, 10 + user, user]
+        rows += [(user, item, 4, 100 + step) for step, item in enumerate(seq)]
+    data = load_dataset(write_ratings(tmp_path / "ml", rows, movies=30))
+    for split in ("val", "test"):
+        start, end, targets = data.split_bounds(split)
+        assert all(targets[u] in data.items[start[u]:end[u]] for u in range(data.num_users))  # repeats, truly
+
+        def oracle(users, seq, items, targets=targets):  # history items score above the target, the target next
+            scores = torch.zeros(len(users), data.num_items)
+            scores.scatter_(1, seq, 10.0)
+            scores[torch.arange(len(users)), torch.from_numpy(targets[users])] = 5.0
+            return scores
+
+        result = evaluate(oracle, data, split, "full")
+        assert result["HR@5"] == 1.0 and result["MRR"] == 1.0, split
