@@ -85,6 +85,31 @@ def test_memory_snapshot_holds_only_items_before_the_window(tmp_path):
         assert set(client.eval_memory["val"].tolist()) - {0} <= set(train.tolist())
 
 
+
+def test_evaluation_memories_hold_only_their_splits_input(tmp_path):
+    """The memory a split is scored with has seen exactly that split's input, never its target.
+
+    Validation: the training part only. Test: the training part plus the validation item (which
+    is test input), and never the test item, which no user in this data consumed before.
+    """
+    data = tiny_dataset(tmp_path)
+    config = tiny_config(stage=3)
+    from feddmmr.features.store import load_features
+
+    text, visual = load_features(tiny_features(tmp_path))
+    clients = build_clients(data, config.max_seq_len, MemoryConfig.from_train_config(config),
+                            ItemSpace(visual.features, text.features))
+    for user, client in clients.items():
+        sequence = data.sequence(user)
+        train, val_item, test_item = sequence[:-2], int(sequence[-2]), int(sequence[-1])
+        assert test_item not in sequence[:-1]  # so any test item in a memory is a leak
+        val_memory = set(client.eval_memory["val"].tolist()) - {0}
+        test_memory = set(client.eval_memory["test"].tolist()) - {0}
+        assert val_memory <= set(train.tolist()) and val_item not in val_memory
+        assert test_memory <= set(sequence[:-1].tolist()), f"user {user}: test memory holds its target"
+        assert val_item in test_memory  # the most recent input item is in the short-term part
+
+
 def _trainer(tmp_path, config):
     data = tiny_dataset(tmp_path)
     features = tiny_features(tmp_path) if config.use_memory else None
