@@ -147,6 +147,32 @@ def test_a_client_returns_only_its_trained_groups_a_count_and_prototypes(tmp_pat
         assert update.prototypes.dtype == np.float32
 
 
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_local_training_trains_exactly_the_transmitted_groups(tmp_path, stage):
+    """What a client trains is what it sends: every local step differentiates the stage's
+    transmitted groups and nothing else, so a frozen group (Stage 3's item embedding) keeps its
+    global value through all local steps instead of drifting locally and silently steering the
+    groups that are sent."""
+    from feddmmr.models import group_of
+
+    config = tiny_config(stage, local_epochs=2)
+    fed, clients, trainer = _trainer(tmp_path, config)
+    differentiated: set[str] = set()
+    loss = trainer._loss
+
+    def spy(params, *batch):
+        differentiated.update(params)
+        return loss(params, *batch)
+
+    trainer._loss = spy
+    update = trainer.train(clients[0], fed.model.group_state(config.transmitted_groups), seed=0)
+    assert {group_of(k) for k in differentiated} == set(config.transmitted_groups)
+    assert differentiated == set(update.state)
+    trainable = {group_of(k) for k, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable == set(config.transmitted_groups)
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_clients_trained_together_match_clients_trained_alone(tmp_path, optimizer):
     """vmapped groups change nothing: clients of different sizes (some finish early) train as if alone."""
