@@ -298,3 +298,31 @@ def test_a_resumed_dp_run_draws_the_same_clients_and_noise(world, tmp_path):
     assert [r["clients"] for r in resumed["rounds"]] == [r["clients"] for r in whole["rounds"]]
     assert resumed["rounds"][1]["val_metrics"] == whole["rounds"][1]["val_metrics"]
     assert resumed["final"] == whole["final"] and resumed["privacy"] == whole["privacy"]
+
+
+def test_a_dp_run_adds_the_noise_its_epsilon_accounts_for(world, tmp_path):
+    """On the path a run takes (config -> DifferentialPrivacy -> aggregator), the released model
+    carries N(0, (sigma C / qN)^2) noise per coordinate at the sigma whose epsilon is reported.
+
+    Two one-round runs that differ only in sigma sample the same clients, train the same updates
+    and draw the same standard normal vector z (seeded by (seed, round)), so their models differ
+    by exactly (sigma_a - sigma_b) C z / (q N): a noise wired to zero would make them equal.
+    """
+    from feddmmr.federation.checkpoint import load_weights
+    from feddmmr.models import group_of
+
+    clip, rate, users = 0.05, 0.5, world["data"].num_users
+    models, spent = {}, {}
+    for sigma in (1.0, 0.5):
+        config = tiny_config(1, num_rounds=1, dp_noise_multiplier=sigma, dp_clip_norm=clip, client_fraction=rate)
+        history = run_federated(config, world["data"], tmp_path / f"s{sigma}", progress=False)
+        assert history["privacy"]["noise_multiplier"] == sigma
+        spent[sigma] = history["privacy"]["epsilon"]
+        models[sigma] = load_weights(tmp_path / f"s{sigma}" / "model.safetensors")
+    assert spent[1.0] < spent[0.5]
+    transmitted = [k for k in models[1.0] if group_of(k) in config.transmitted_groups]
+    diff = torch.cat([(models[1.0][k].double() - models[0.5][k].double()).flatten() for k in transmitted])
+    expected = (1.0 - 0.5) * clip / (rate * users)
+    assert diff.numel() > 1000
+    assert float(diff.std()) == pytest.approx(expected, rel=0.1)
+    assert abs(float(diff.mean())) < 5 * expected / math.sqrt(diff.numel())
