@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..global_state import preserved
 from . import TEXT_FILE, VISUAL_FILE
 from .store import FORMAT_VERSION, FeatureError, FeatureTable, load_table, save_table
 from .texts import ItemTexts
@@ -28,6 +29,8 @@ POSTER_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 def set_threads(threads: int | None, reserved: int = 0) -> int:
     """Torch threads: all cores minus those ``reserved`` for DataLoader decoding workers.
+
+    Process-wide: only call it inside :func:`run_extract` (which restores the previous count).
 
     Measured on the 2-core machine: 1 decoding worker + 1 inference thread encodes posters about
     2x faster than 2 inference threads with decoding in-process (oversubscribed threads stall).
@@ -222,7 +225,21 @@ def run_extract(data, data_path: Path, out_dir: Path, text_encoder: str | None =
                 posters: Path | None = None, item_text: Path | None = None, modalities=("text", "visual"),
                 force: bool = False, text_batch: int = 64, visual_batch: int = 32, workers: int = 0,
                 threads: int | None = None, progress: bool = True) -> dict:
-    """Extract the requested modalities for a loaded ``SequenceDataset``; returns a summary per modality."""
+    """Extract the requested modalities for a loaded ``SequenceDataset``; returns a summary per modality.
+
+    ``threads`` (and the DataLoader ``workers``) size torch's threads for the extraction only: the
+    thread count, default dtype, grad mode and global RNG states are restored on return
+    (:func:`feddmmr.global_state.preserved`), so a run that extracts its features in-process trains
+    with the threads, and draws the numbers, of a run that finds them cached.
+    """
+    with preserved():
+        return _run_extract(data, data_path, out_dir, text_encoder, visual_encoder, clip_path, posters, item_text,
+                            modalities, force, text_batch, visual_batch, workers, threads, progress)
+
+
+def _run_extract(data, data_path: Path, out_dir: Path, text_encoder: str | None, visual_encoder: str,
+                 clip_path: str | None, posters: Path | None, item_text: Path | None, modalities, force: bool,
+                 text_batch: int, visual_batch: int, workers: int, threads: int | None, progress: bool) -> dict:
     from .texts import item_texts, known_items, movie_catalogue
 
     folder = data_folder(Path(data_path))
