@@ -131,3 +131,27 @@ def test_a_target_the_user_consumed_before_stays_a_candidate(tmp_path):
 
         result = evaluate(oracle, data, split, "full")
         assert result["HR@5"] == 1.0 and result["MRR"] == 1.0, split
+
+
+def test_sampled_protocol_ranks_the_target_among_its_cached_candidates(tiny_ml1m, tmp_path):
+    """The sampled protocol ranks column 0 (the target) against the same candidates whether they
+    come from memory, a fresh computation or the on-disk cache; without ``cache_dir`` nothing is written."""
+    from feddmmr import evaluation
+
+    data = load_dataset(tiny_ml1m)
+    _, _, targets = data.split_bounds("val")
+    expected = sample_candidates(data, "val", seed=0, num_negatives=5)
+
+    def oracle(users, seq, items):  # the target scores 1, every negative 0
+        return (items == torch.from_numpy(targets[users]).view(-1, 1)).float()
+
+    evaluation._CANDIDATE_CACHE.clear()
+    plain = evaluate(oracle, data, "val", "sampled", num_negatives=5)
+    assert plain["HR@5"] == 1.0 and plain["MRR"] == 1.0 and plain["negatives"] == 5
+    evaluation._CANDIDATE_CACHE.clear()
+    cache = tmp_path / "cache"
+    assert evaluate(oracle, data, "val", "sampled", num_negatives=5, cache_dir=cache) == plain
+    files = list(cache.glob("candidates_*_val_s0_n5.npy"))
+    assert len(files) == 1 and np.array_equal(np.load(files[0]), expected)
+    evaluation._CANDIDATE_CACHE.clear()
+    assert np.array_equal(evaluation.candidates(data, "val", 0, cache, 5), expected)  # read back from disk

@@ -54,6 +54,8 @@ def test_prototype_aggregation_gives_unit_global_slots():
     centers = aggregate_prototypes(protos, 2, seed=0)
     assert centers.shape == (2, 4) and np.allclose(np.linalg.norm(centers, axis=1), 1.0)
     assert aggregate_prototypes([], 2, 0) is None
+    single = aggregate_prototypes([np.array([[3.0, 4.0]], dtype=np.float32)], 2, seed=0)
+    assert np.allclose(single, [[0.6, 0.8]])  # fewer points than slots: the points themselves, unit
 
 
 # --------------------------------------------------------------------------- the client
@@ -200,6 +202,23 @@ def _comparable(key: str, value: torch.Tensor) -> torch.Tensor:
         query, _, values = value.chunk(3)
         return torch.cat([query, values])
     return value[:0] if key.endswith(".k.bias") else value
+
+
+
+def test_stage3_local_steps_read_both_memory_modalities_and_align_them(tmp_path):
+    """A Stage 3 client trains with its visual and its text memory (the router gives weight to both
+    experts) and with the InfoNCE alignment over its steps' target items; at
+    ``contrastive_lambda = 0`` the alignment is not computed at all."""
+    config = tiny_config(3)
+    assert config.contrastive_lambda > 0
+    fed, clients, trainer = _trainer(tmp_path, config)
+    start = fed.model.group_state(config.transmitted_groups)
+    metrics = trainer.train(clients[0], start, seed=0).metrics
+    assert metrics["router_visual"] > 0.05 and metrics["router_semantic"] > 0.05
+    assert metrics["contrastive"] > 0
+    off = tiny_config(3, contrastive_lambda=0.0)
+    quiet = LocalTrainer(fed.model, off, fed.content, fed.data.occurring_items()).train(clients[0], start, seed=0)
+    assert quiet.metrics["contrastive"] == 0.0
 
 
 def test_fixed_gate_is_neither_trained_nor_sent(tmp_path):
