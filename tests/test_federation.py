@@ -55,7 +55,7 @@ def test_prototype_aggregation_gives_unit_global_slots():
     assert centers.shape == (2, 4) and np.allclose(np.linalg.norm(centers, axis=1), 1.0)
     assert aggregate_prototypes([], 2, 0) is None
     single = aggregate_prototypes([np.array([[3.0, 4.0]], dtype=np.float32)], 2, seed=0)
-    assert np.allclose(single, [[0.6, 0.8]])  # fewer points than slots: the points themselves, unit
+    assert single.shape == (1, 2) and np.allclose(single, [[0.6, 0.8]])  # fewer points than slots: the points, unit
 
 
 # --------------------------------------------------------------------------- the client
@@ -110,6 +110,33 @@ def test_evaluation_memories_hold_only_their_splits_input(tmp_path):
         assert val_memory <= set(train.tolist()) and val_item not in val_memory
         assert test_memory <= set(sequence[:-1].tolist()), f"user {user}: test memory holds its target"
         assert val_item in test_memory  # the most recent input item is in the short-term part
+
+
+
+def test_packed_client_memories_unpack_to_the_same_clients(tmp_path):
+    """``pack_clients`` -> ``unpack_clients`` (the resume point's and a Flower node's format) gives back
+    every client's windows, snapshots, evaluation memories, prototypes and live memory state exactly,
+    so a resumed client keeps remembering as the uninterrupted one would."""
+    from feddmmr.federation.client import pack_clients, unpack_clients
+    from feddmmr.features.store import load_features
+
+    data = tiny_dataset(tmp_path)
+    config = tiny_config(stage=3)
+    text, visual = load_features(tiny_features(tmp_path))
+    space, memory_config = ItemSpace(visual.features, text.features), MemoryConfig.from_train_config(config)
+    clients = build_clients(data, config.max_seq_len, memory_config, space)
+    again = unpack_clients(pack_clients(clients), data, config.max_seq_len, memory_config, space)
+    assert sorted(again) == sorted(clients)
+    for user, client in clients.items():
+        copy = again[user]
+        for name in ("inputs", "targets", "memory", "prototypes"):
+            assert np.array_equal(getattr(copy, name), getattr(client, name)), (user, name)
+        assert all(np.array_equal(copy.eval_memory[s], client.eval_memory[s]) for s in ("val", "test"))
+        ours, theirs = client.memory_state.state_dict(), copy.memory_state.state_dict()
+        assert all(np.array_equal(ours[key], theirs[key]) for key in ours), user
+        assert copy.memory_state.threshold == client.memory_state.threshold
+    with pytest.raises(KeyError, match="no saved memory"):
+        unpack_clients(pack_clients(clients), data, config.max_seq_len, memory_config, space, users=[99])
 
 
 def _trainer(tmp_path, config):

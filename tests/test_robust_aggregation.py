@@ -178,6 +178,17 @@ def test_the_screen_aggregates_exactly_the_valid_updates_and_counts_them():
     none.offer(1, bad, 1)
     with pytest.raises(RuntimeError, match="round 3: every client update was rejected"):
         none.result()
+    # a node's pre-aggregated sum (Flower) goes through the same check, named by its source
+    node = make_aggregator(GLOBAL)
+    node.add(state([2.0, 0.0, 0.0]), 2)
+    sums, row_weight, total = node.partial()
+    poisoned = {key: value.clone() for key, value in sums.items()}
+    poisoned["w"][0] = float("inf")
+    partitions = UpdateScreen(GLOBAL, make_aggregator(GLOBAL), round_number=4)
+    assert partitions.offer_sum({"partition": 0}, sums, row_weight, total)
+    assert not partitions.offer_sum({"partition": 1}, poisoned, row_weight, total)
+    assert partitions.accepted == 1 and [r["partition"] for r in partitions.rejected] == [1]
+    assert partitions.result()["w"].tolist() == [2.0, 0.0, 0.0]
 
 
 # --------------------------------------------------------------------------- config keys
