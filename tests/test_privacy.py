@@ -347,7 +347,8 @@ def test_a_dp_run_adds_the_noise_its_epsilon_accounts_for(world, tmp_path):
     clip, rate, users = 0.05, 0.5, world["data"].num_users
     models, spent = {}, {}
     for sigma in (1.0, 0.5):
-        config = tiny_config(1, num_rounds=1, dp_noise_multiplier=sigma, dp_clip_norm=clip, client_fraction=rate)
+        config = tiny_config(1, num_rounds=1, dp_noise_multiplier=sigma, dp_clip_norm=clip, client_fraction=rate,
+                             item_embedding_aggregation="fedavg")
         history = run_federated(config, world["data"], tmp_path / f"s{sigma}", progress=False)
         assert history["privacy"]["noise_multiplier"] == sigma
         spent[sigma] = history["privacy"]["epsilon"]
