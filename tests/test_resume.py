@@ -116,24 +116,25 @@ def test_a_resumed_round_starts_from_the_global_rng_states_of_the_uninterrupted_
     """The global torch, NumPy and Python RNG states as a resumed round starts training equal those of
     the uninterrupted run as the same round starts, whatever the process did to them before.
 
-    Checked where the states are read, when the first client of each round starts training (before
-    any client group reseeds the torch generator), so this holds on its own, not only because
-    today's clients happen to reseed.
+    Checked where the states are read, as each vmapped group of clients starts training (the first
+    group of a round before anything reseeds the torch generator), so this holds on its own, not only
+    because today's client groups happen to reseed.
     """
     from feddmmr.federation.client import LocalTrainer
 
     seen: list[dict] = []
-    train_many = LocalTrainer.train_many
+    train_group = LocalTrainer._train_group  # every local update of every round goes through one group
 
     def record(self, *args, **kwargs):
         seen.append(ckpt.rng_state())
-        return train_many(self, *args, **kwargs)
+        return train_group(self, *args, **kwargs)
 
-    monkeypatch.setattr(LocalTrainer, "train_many", record)
+    monkeypatch.setattr(LocalTrainer, "_train_group", record)
     seed_globals(7)
     run(fed, tmp_path / "whole")
     whole, seen[:] = list(seen), []
-    assert len(whole) == ROUNDS
+    assert len(whole) >= ROUNDS and len(whole) % ROUNDS == 0  # the same number of groups every round
+    per_round = len(whole) // ROUNDS
     seed_globals(7)
     with monkeypatch.context() as patch:
         stop_after(patch, 2)
@@ -142,10 +143,11 @@ def test_a_resumed_round_starts_from_the_global_rng_states_of_the_uninterrupted_
     seen[:] = []
     seed_globals(1234)  # the process moved on: the resume point, not the process, decides what comes next
     run(fed, tmp_path / "split", resume=True)
-    assert len(seen) == ROUNDS - 2
-    for round_number, (resumed, uninterrupted) in enumerate(zip(seen, whole[2:]), start=3):
+    assert len(seen) == (ROUNDS - 2) * per_round
+    for index, (resumed, uninterrupted) in enumerate(zip(seen, whole[2 * per_round:])):
         for generator in ("torch", "numpy", "python"):
-            assert resumed[generator] == uninterrupted[generator], f"round {round_number}: {generator} RNG differs"
+            assert resumed[generator] == uninterrupted[generator], \
+                f"round {3 + index // per_round}, group {index % per_round}: {generator} RNG differs"
 
 
 def test_a_subprocess_killed_with_sigkill_mid_run_resumes_exactly(fed, tmp_path):
