@@ -55,6 +55,8 @@ def test_prototype_aggregation_gives_unit_global_slots():
     centers = aggregate_prototypes(protos, 2, seed=0)
     assert centers.shape == (2, 4) and np.allclose(np.linalg.norm(centers, axis=1), 1.0)
     assert aggregate_prototypes([], 2, 0) is None
+    single = aggregate_prototypes([np.array([[3.0, 4.0]], dtype=np.float32)], 2, seed=0)
+    assert single.shape == (1, 2) and np.allclose(single, [[0.6, 0.8]])  # fewer points than slots: the points, unit
 
 
 # --------------------------------------------------------------------------- the client
@@ -107,6 +109,58 @@ def test_the_held_out_items_never_reach_what_a_client_shares(tmp_path):
         assert np.array_equal(before[user].eval_memory["val"], after[user].eval_memory["val"]), user
 
 
+
+def test_evaluation_memories_hold_only_their_splits_input(tmp_path):
+    """The memory a split is scored with has seen exactly that split's input, never its target.
+
+    Validation: the training part only. Test: the training part plus the validation item (which
+    is test input), and never the test item, which no user in this data consumed before.
+    """
+    data = tiny_dataset(tmp_path)
+    config = tiny_config(stage=3)
+    from feddmmr.features.store import load_features
+
+    text, visual = load_features(tiny_features(tmp_path))
+    clients = build_clients(data, config.max_seq_len, MemoryConfig.from_train_config(config),
+                            ItemSpace(visual.features, text.features))
+    for user, client in clients.items():
+        sequence = data.sequence(user)
+        train, val_item, test_item = sequence[:-2], int(sequence[-2]), int(sequence[-1])
+        assert test_item not in sequence[:-1]  # so any test item in a memory is a leak
+        val_memory = set(client.eval_memory["val"].tolist()) - {0}
+        test_memory = set(client.eval_memory["test"].tolist()) - {0}
+        assert val_memory <= set(train.tolist()) and val_item not in val_memory
+        assert test_memory <= set(sequence[:-1].tolist()), f"user {user}: test memory holds its target"
+        assert val_item in test_memory  # the most recent input item is in the short-term part
+
+
+
+def test_packed_client_memories_unpack_to_the_same_clients(tmp_path):
+    """``pack_clients`` -> ``unpack_clients`` (the resume point's and a Flower node's format) gives back
+    every client's windows, snapshots, evaluation memories, prototypes and live memory state exactly,
+    so a resumed client keeps remembering as the uninterrupted one would."""
+    from feddmmr.federation.client import pack_clients, unpack_clients
+    from feddmmr.features.store import load_features
+
+    data = tiny_dataset(tmp_path)
+    config = tiny_config(stage=3)
+    text, visual = load_features(tiny_features(tmp_path))
+    space, memory_config = ItemSpace(visual.features, text.features), MemoryConfig.from_train_config(config)
+    clients = build_clients(data, config.max_seq_len, memory_config, space)
+    again = unpack_clients(pack_clients(clients), data, config.max_seq_len, memory_config, space)
+    assert sorted(again) == sorted(clients)
+    for user, client in clients.items():
+        copy = again[user]
+        for name in ("inputs", "targets", "memory", "prototypes"):
+            assert np.array_equal(getattr(copy, name), getattr(client, name)), (user, name)
+        assert all(np.array_equal(copy.eval_memory[s], client.eval_memory[s]) for s in ("val", "test"))
+        ours, theirs = client.memory_state.state_dict(), copy.memory_state.state_dict()
+        assert all(np.array_equal(ours[key], theirs[key]) for key in ours), user
+        assert copy.memory_state.threshold == client.memory_state.threshold
+    with pytest.raises(KeyError, match="no saved memory"):
+        unpack_clients(pack_clients(clients), data, config.max_seq_len, memory_config, space, users=[99])
+
+
 def _trainer(tmp_path, config):
     data = tiny_dataset(tmp_path)
     features = tiny_features(tmp_path) if config.use_memory else None
@@ -144,6 +198,32 @@ def test_a_client_returns_only_its_trained_groups_a_count_and_prototypes(tmp_pat
         assert update.prototypes.dtype == np.float32
 
 
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_local_training_trains_exactly_the_transmitted_groups(tmp_path, stage):
+    """What a client trains is what it sends: every local step differentiates the stage's
+    transmitted groups and nothing else, so a frozen group (Stage 3's item embedding) keeps its
+    global value through all local steps instead of drifting locally and silently steering the
+    groups that are sent."""
+    from feddmmr.models import group_of
+
+    config = tiny_config(stage, local_epochs=2)
+    fed, clients, trainer = _trainer(tmp_path, config)
+    differentiated: set[str] = set()
+    loss = trainer._loss
+
+    def spy(params, *batch):
+        differentiated.update(params)
+        return loss(params, *batch)
+
+    trainer._loss = spy
+    update = trainer.train(clients[0], fed.model.group_state(config.transmitted_groups), seed=0)
+    assert {group_of(k) for k in differentiated} == set(config.transmitted_groups)
+    assert differentiated == set(update.state)
+    trainable = {group_of(k) for k, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable == set(config.transmitted_groups)
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_clients_trained_together_match_clients_trained_alone(tmp_path, optimizer):
     """vmapped groups change nothing: clients of different sizes (some finish early) train as if alone."""
@@ -171,6 +251,23 @@ def _comparable(key: str, value: torch.Tensor) -> torch.Tensor:
         query, _, values = value.chunk(3)
         return torch.cat([query, values])
     return value[:0] if key.endswith(".k.bias") else value
+
+
+
+def test_stage3_local_steps_read_both_memory_modalities_and_align_them(tmp_path):
+    """A Stage 3 client trains with its visual and its text memory (the router gives weight to both
+    experts) and with the InfoNCE alignment over its steps' target items; at
+    ``contrastive_lambda = 0`` the alignment is not computed at all."""
+    config = tiny_config(3)
+    assert config.contrastive_lambda > 0
+    fed, clients, trainer = _trainer(tmp_path, config)
+    start = fed.model.group_state(config.transmitted_groups)
+    metrics = trainer.train(clients[0], start, seed=0).metrics
+    assert metrics["router_visual"] > 0.05 and metrics["router_semantic"] > 0.05
+    assert metrics["contrastive"] > 0
+    off = tiny_config(3, contrastive_lambda=0.0)
+    quiet = LocalTrainer(fed.model, off, fed.content, fed.data.occurring_items()).train(clients[0], start, seed=0)
+    assert quiet.metrics["contrastive"] == 0.0
 
 
 def test_fixed_gate_is_neither_trained_nor_sent(tmp_path):

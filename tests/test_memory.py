@@ -158,3 +158,34 @@ def test_on_demand_similarities_make_the_memory_decisions_of_a_dense_matrix():
         assert all(np.array_equal(states[0][k], states[1][k]) for k in ("recent", "lt_items", "lt_freq", "lt_last"))
         assert np.array_equal(memories[0].retrieve(), memories[1].retrieve())
     assert not hasattr(lazy, "matrix") and not hasattr(lazy, "similarity_matrix")
+
+
+def test_an_item_is_written_only_if_its_novelty_exceeds_the_threshold():
+    """Strictly above: items orthogonal to the window (novelty exactly 1) stay out at threshold 1,
+    an item pointing away from the window (novelty 1.6) goes in. A fixed threshold of 0 is a
+    threshold, not "use the client's quantile"."""
+    space = space_from_vectors([[1, 0], [0, 1], [-0.6, -0.8]])
+    memory = LocalMemory(MemoryConfig(st_window=5), space, threshold=1.0)
+    memory.observe(np.array([1, 2, 3]))
+    assert np.allclose(novelty(space, np.array([1, 2, 3]), 0, 5), [1.0, 1.0, 1.6])
+    assert memory.lt_items.tolist() == [3]
+    assert client_threshold(space, np.array([1, 2, 3]), MemoryConfig(novelty_threshold=0.0)) == 0.0
+
+
+def test_utility_is_the_weighted_recency_half_life_and_relative_frequency():
+    """utility = w * 0.5 ** (age / half_life) + (1 - w) * frequency / max frequency."""
+    memory = LocalMemory(MemoryConfig(recency_half_life=100.0, recency_weight=0.6), axis_space(3), threshold=0.5)
+    memory.lt_items, memory.lt_freq, memory.lt_last = np.array([1, 2]), np.array([1.0, 4.0]), np.array([0.0, 150.0])
+    expected = [0.6 * 0.5 ** 2.0 + 0.4 * 0.25, 0.6 * 0.5 ** 0.5 + 0.4 * 1.0]
+    assert np.allclose(memory.utility(200.0), expected)
+
+
+def test_retrieval_with_a_featureless_recent_window_ranks_long_term_entries_by_their_centroid():
+    """When no recent item has features, long-term entries are ranked by similarity to the
+    long-term centroid (nothing from the short-term window can be retrieved)."""
+    space = space_from_vectors([[1, 0, 0], [0.6, 0.8, 0], [0, 0, 0]])  # item 3 has no features
+    config = MemoryConfig(st_window=2, top_k=4, duplicate_threshold=0.99)
+    memory = LocalMemory(config, space, threshold=0.0)
+    memory.observe(np.array([1, 2, 3, 3]))
+    assert memory.lt_items.tolist() == [1, 2] and memory.recent.tolist() == [3, 3]
+    assert memory.retrieve().tolist() == [2, 1, 0, 0]  # centroid (0.8, 0.4, 0): item 2 is closer

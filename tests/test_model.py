@@ -656,3 +656,62 @@ def test_a_misspelt_constructor_argument_is_refused_by_name():
     """Every seed argument is accepted; an unknown one is an error naming it (never silently ignored)."""
     with pytest.raises(TypeError, match="sasrec_hiden_dim"):
         UR4RecV2MoE(num_items=10, sasrec_hiden_dim=8)
+
+
+# ------------------------------------------------------------------------------- reference formulas
+
+def test_sasrec_forward_is_the_pre_ln_transformer_of_the_paper():
+    """SASRec (eval mode) against an independent reference: item embeddings scaled by sqrt(D) plus
+    learned positions, then per block x + Out(Attn(LN(x))) and x + FFN(LN(x)), with attention by
+    PyTorch's ``scaled_dot_product_attention`` (1/sqrt(d_head) scaling) over earlier real positions
+    (and itself); padding rows are zero."""
+    import math
+
+    import torch.nn.functional as F
+
+    sasrec = make_model(features=False).sasrec.eval()
+    seq, _, _, _ = batch(3)
+    seq[1, :3] = 0  # left padding
+    real = seq != 0
+    x = sasrec.item_emb(seq) * math.sqrt(HIDDEN) + sasrec.pos_emb(torch.arange(L))
+    x = x * real.unsqueeze(-1)
+    attend = torch.ones(L, L, dtype=torch.bool).tril() & real.unsqueeze(1) | torch.eye(L, dtype=torch.bool)
+    for block in sasrec.blocks:
+        heads = block.heads
+        q, k, v = block.qkv(block.ln_attn(x)).view(B, L, 3, heads, HIDDEN // heads).unbind(2)
+        a = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=attend.unsqueeze(1))
+        x = x + block.out(a.transpose(1, 2).reshape(B, L, HIDDEN))
+        x = (x + block.ffn(block.ln_ffn(x))) * real.unsqueeze(-1)
+    with torch.no_grad():
+        torch.testing.assert_close(sasrec(seq), x.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_alignment_loss_is_the_symmetric_infonce_of_the_projected_features():
+    """Over distinct items with both modalities (two are enough for a loss):
+    0.5 * (CE(zv zt^T / tau, diag) + CE(zt zv^T / tau, diag)) with zv, zt the L2-normalised projections."""
+    import torch.nn.functional as F
+
+    model = make_model()
+    visual, text = feature_tables()
+    for items in (torch.tensor([5, 9]), torch.tensor([3, 4, 5, 6, 7, 8])):
+        zv = F.normalize(model.proj_visual(visual[items]), dim=-1)
+        zt = F.normalize(model.proj_text(text[items]), dim=-1)
+        logits = zv @ zt.T / model.temperature
+        target = torch.arange(len(items))
+        expected = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        torch.testing.assert_close(model.alignment_loss(items), expected, rtol=1e-5, atol=1e-6)
+    assert float(model.alignment_loss(torch.tensor([5, 0, 2])).detach()) == 0.0  # one usable item: nothing to align
+
+
+def test_load_balance_counts_a_single_candidate_with_both_experts():
+    """The load-balance loss is (2 * sum(usage^2) - 1) over the pairs where both experts are available,
+    even when that is one (user, candidate) pair."""
+    model = make_model().eval()
+    _, cands, mem_vis, mem_txt = batch(17)
+    with torch.no_grad():
+        last = model.router[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([4.0, -4.0]))
+        _, weights, loss = model.auxiliary(cands[:1, :1], mem_vis[:1], mem_txt[:1])
+    usage = weights[0, 0]
+    assert float(loss) == pytest.approx(float(2 * (usage ** 2).sum() - 1)) and float(loss) > 0.9

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -129,6 +130,20 @@ def test_a_client_update_holds_only_the_groups_its_count_and_prototypes(world, s
             assert_no_memory_entry(update.prototypes, client, fed.space)
 
 
+
+def test_with_prototypes_switched_off_a_client_sends_none(world):
+    """``use_prototypes = false`` (which DP mode sets) keeps the memory entirely on the device: the
+    client holds centroids of its long-term memory, but its update carries no prototypes."""
+    data, fed, clients = world["data"], world["fed"], world["clients"]
+    config = tiny_config(3, trainable_groups=ALL_GROUPS, lt_capacity=12, use_prototypes=False)
+    trainer = LocalTrainer(fed.model, config, fed.content, data.occurring_items())
+    global_state = fed.model.group_state(config.transmitted_groups)
+    client = next(c for c in clients.values() if len(c.prototypes))
+    update = trainer.train(client, global_state, seed=1)
+    assert update.prototypes is None
+    assert_private(update, client, global_state, config, 16 + 8)
+
+
 def test_prototypes_never_repeat_a_memory_entry(world):
     """K-Means over few or scattered items makes singleton clusters: those centroids are not shared."""
     config, fed, data = world["config"], world["fed"], world["data"]
@@ -229,6 +244,24 @@ def test_poisson_sampling_is_seeded_and_has_the_expected_rate():
     assert 900 < len(a) < 1100 and np.all(np.diff(a) > 0)
     with pytest.raises(ValueError, match="client_fraction"):
         privacy.poisson_sample(10, 0.0, 0, 1)
+    assert privacy.poisson_sample(10, 1.0, 0, 1).tolist() == list(range(10))  # q = 1: everyone, every round
+    with pytest.raises(ValueError, match="client_fraction"):
+        privacy.poisson_sample(10, 1.5, 0, 1)
+
+
+def test_the_rdp_orders_are_opacus_defaults_plus_larger_ones():
+    """epsilon is the minimum over the RDP orders: Opacus' default orders, plus 80-256 which give the
+    tightest bound at large sigma / small epsilon. Another grid gives other (still valid) epsilons, and
+    with a target epsilon another sigma, so the grid is part of the mechanism's definition."""
+    from opacus.accountants import RDPAccountant
+
+    assert privacy.ALPHAS == list(RDPAccountant.DEFAULT_ALPHAS) + [80, 96, 128, 160, 192, 256]
+    accountant = RDPAccountant()
+    accountant.history = [(10.0, 0.1, 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus: "optimal order is the largest alpha" (for both grids)
+        default, ours = accountant.get_epsilon(delta=1e-5), privacy.epsilon(10.0, 0.1, 1, 1e-5)
+    assert ours < 0.5 * default  # 0.037 vs 0.106: the optimum lies beyond 63
 
 
 def test_epsilon_falls_with_more_noise_and_grows_with_rounds():
@@ -305,3 +338,32 @@ def test_a_resumed_dp_run_draws_the_same_clients_and_noise(world, tmp_path):
     assert [r["clients"] for r in resumed["rounds"]] == [r["clients"] for r in whole["rounds"]]
     assert resumed["rounds"][1]["val_metrics"] == whole["rounds"][1]["val_metrics"]
     assert resumed["final"] == whole["final"] and resumed["privacy"] == whole["privacy"]
+
+
+def test_a_dp_run_adds_the_noise_its_epsilon_accounts_for(world, tmp_path):
+    """On the path a run takes (config -> DifferentialPrivacy -> aggregator), the released model
+    carries N(0, (sigma C / qN)^2) noise per coordinate at the sigma whose epsilon is reported.
+
+    Two one-round runs that differ only in sigma sample the same clients, train the same updates
+    and draw the same standard normal vector z (seeded by (seed, round)), so their models differ
+    by exactly (sigma_a - sigma_b) C z / (q N): a noise wired to zero would make them equal.
+    """
+    from feddmmr.federation.checkpoint import load_weights
+    from feddmmr.models import group_of
+
+    clip, rate, users = 0.05, 0.5, world["data"].num_users
+    models, spent = {}, {}
+    for sigma in (1.0, 0.5):
+        config = tiny_config(1, num_rounds=1, dp_noise_multiplier=sigma, dp_clip_norm=clip, client_fraction=rate,
+                             item_embedding_aggregation="fedavg")
+        history = run_federated(config, world["data"], tmp_path / f"s{sigma}", progress=False)
+        assert history["privacy"]["noise_multiplier"] == sigma
+        spent[sigma] = history["privacy"]["epsilon"]
+        models[sigma] = load_weights(tmp_path / f"s{sigma}" / "model.safetensors")
+    assert spent[1.0] < spent[0.5]
+    transmitted = [k for k in models[1.0] if group_of(k) in config.transmitted_groups]
+    diff = torch.cat([(models[1.0][k].double() - models[0.5][k].double()).flatten() for k in transmitted])
+    expected = (1.0 - 0.5) * clip / (rate * users)
+    assert diff.numel() > 1000
+    assert float(diff.std()) == pytest.approx(expected, rel=0.1)
+    assert abs(float(diff.mean())) < 5 * expected / math.sqrt(diff.numel())

@@ -105,6 +105,51 @@ def test_a_run_stopped_after_round_k_resumes_to_the_same_parameters_and_metrics(
     assert_same_run(fed, out, history)
 
 
+
+def seed_globals(value: int) -> None:
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)
+
+
+def test_a_resumed_round_starts_from_the_global_rng_states_of_the_uninterrupted_run(fed, tmp_path, monkeypatch):
+    """The global torch, NumPy and Python RNG states as a resumed round starts training equal those of
+    the uninterrupted run as the same round starts, whatever the process did to them before.
+
+    Checked where the states are read, as each vmapped group of clients starts training (the first
+    group of a round before anything reseeds the torch generator), so this holds on its own, not only
+    because today's client groups happen to reseed.
+    """
+    from feddmmr.federation.client import LocalTrainer
+
+    seen: list[dict] = []
+    train_group = LocalTrainer._train_group  # every local update of every round goes through one group
+
+    def record(self, *args, **kwargs):
+        seen.append(ckpt.rng_state())
+        return train_group(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalTrainer, "_train_group", record)
+    seed_globals(7)
+    run(fed, tmp_path / "whole")
+    whole, seen[:] = list(seen), []
+    assert len(whole) >= ROUNDS and len(whole) % ROUNDS == 0  # the same number of groups every round
+    per_round = len(whole) // ROUNDS
+    seed_globals(7)
+    with monkeypatch.context() as patch:
+        stop_after(patch, 2)
+        with pytest.raises(Killed):
+            run(fed, tmp_path / "split")
+    seen[:] = []
+    seed_globals(1234)  # the process moved on: the resume point, not the process, decides what comes next
+    run(fed, tmp_path / "split", resume=True)
+    assert len(seen) == (ROUNDS - 2) * per_round
+    for index, (resumed, uninterrupted) in enumerate(zip(seen, whole[2 * per_round:])):
+        for generator in ("torch", "numpy", "python"):
+            assert resumed[generator] == uninterrupted[generator], \
+                f"round {3 + index // per_round}, group {index % per_round}: {generator} RNG differs"
+
+
 def test_a_subprocess_killed_with_sigkill_mid_run_resumes_exactly(fed, tmp_path):
     out = tmp_path / "killed"
     child = f"""

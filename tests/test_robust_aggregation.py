@@ -152,6 +152,45 @@ def test_clipping_leaves_a_small_delta_unchanged():
         clip_update(GLOBAL, small, 0.0)
 
 
+
+def test_the_screen_aggregates_exactly_the_valid_updates_and_counts_them():
+    """``UpdateScreen``: a valid update is (clipped and) aggregated and counted as accepted, an invalid
+    one is recorded with its reason and never reaches the aggregate. A round whose every update was
+    rejected is an error; one valid update among rejected ones is a normal round."""
+    from feddmmr.federation.server import UpdateScreen
+
+    bad = state([float("nan"), 0.0, 0.0])
+    screen = UpdateScreen(GLOBAL, make_aggregator(GLOBAL), round_number=1)
+    assert screen.offer(1, state([1.0, 0.0, 0.0]), 1)
+    assert not screen.offer(2, bad, 1)
+    assert screen.offer(3, state([3.0, 0.0, 0.0]), 3)
+    assert screen.accepted == 2 and [r["user"] for r in screen.rejected] == [2] and screen.clipped == 0
+    assert screen.result()["w"].tolist() == [2.5, 0.0, 0.0]  # (1 * 1 + 3 * 3) / 4, the NaN update left out
+    clipping = UpdateScreen(GLOBAL, make_aggregator(GLOBAL), clip_norm=1.0, round_number=1)
+    assert clipping.offer(1, state([3.0, 4.0, 0.0]), 1) and clipping.offer(2, state([0.5, 0.0, 0.0]), 1)
+    assert clipping.clipped == 1 and clipping.accepted == 2
+    assert torch.allclose(clipping.result()["w"], torch.tensor([(0.6 + 0.5) / 2, 0.4, 0.0]))
+    one = UpdateScreen(GLOBAL, make_aggregator(GLOBAL), round_number=2)
+    one.offer(1, bad, 1)
+    one.offer(2, state([2.0, 0.0, 0.0]), 1)
+    assert one.result()["w"].tolist() == [2.0, 0.0, 0.0]
+    none = UpdateScreen(GLOBAL, make_aggregator(GLOBAL), round_number=3)
+    none.offer(1, bad, 1)
+    with pytest.raises(RuntimeError, match="round 3: every client update was rejected"):
+        none.result()
+    # a node's pre-aggregated sum (Flower) goes through the same check, named by its source
+    node = make_aggregator(GLOBAL)
+    node.add(state([2.0, 0.0, 0.0]), 2)
+    sums, row_weight, total = node.partial()
+    poisoned = {key: value.clone() for key, value in sums.items()}
+    poisoned["w"][0] = float("inf")
+    partitions = UpdateScreen(GLOBAL, make_aggregator(GLOBAL), round_number=4)
+    assert partitions.offer_sum({"partition": 0}, sums, row_weight, total)
+    assert not partitions.offer_sum({"partition": 1}, poisoned, row_weight, total)
+    assert partitions.accepted == 1 and [r["partition"] for r in partitions.rejected] == [1]
+    assert partitions.result()["w"].tolist() == [2.0, 0.0, 0.0]
+
+
 # --------------------------------------------------------------------------- config keys
 
 @pytest.mark.parametrize("key, value, message", [

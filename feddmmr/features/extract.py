@@ -17,9 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..global_state import preserved
 from . import TEXT_FILE, VISUAL_FILE
 from .store import FORMAT_VERSION, FeatureError, FeatureTable, load_table, save_table
-from .texts import ItemTexts
+from .text_encoder import load_text_encoder, text_encoder_identity
+from .texts import ItemTexts, item_texts, known_items, movie_catalogue
+from .visual_encoder import DEFAULT_CLIP, load_visual_encoder, visual_identity
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,8 @@ POSTER_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 def set_threads(threads: int | None, reserved: int = 0) -> int:
     """Torch threads: all cores minus those ``reserved`` for DataLoader decoding workers.
+
+    Process-wide: only call it inside :func:`run_extract` (which restores the previous count).
 
     Measured on the 2-core machine: 1 decoding worker + 1 inference thread encodes posters about
     2x faster than 2 inference threads with decoding in-process (oversubscribed threads stall).
@@ -78,8 +83,6 @@ def text_input_hash(texts: ItemTexts, num_items: int, identity: str) -> str:
 def extract_text(texts: ItemTexts, num_items: int, out_path: Path, encoder: str | None = None,
                  force: bool = False, batch_size: int = 64, progress: bool = True) -> tuple[FeatureTable, str]:
     """``(table, 'cached' | 'computed')`` for the text modality."""
-    from .text_encoder import load_text_encoder, text_encoder_identity
-
     name, identity = text_encoder_identity(encoder)
     input_hash = text_input_hash(texts, num_items, identity)
     if not force and (table := cached(out_path, input_hash, num_items)) is not None:
@@ -162,8 +165,6 @@ def extract_visual(posters: dict[int, Path], known: dict[int, object], num_items
     """``(table, 'cached' | 'computed')`` for the poster modality; unreadable images count as missing."""
     from tqdm import tqdm
 
-    from .visual_encoder import load_visual_encoder, visual_identity
-
     identity = visual_identity(encoder, clip_path)
     rows = sorted(i for i in posters if 0 < i < num_items)
     input_hash = poster_input_hash({i: posters[i] for i in rows}, num_items, identity)
@@ -204,7 +205,6 @@ def extract_visual(posters: dict[int, Path], known: dict[int, object], num_items
         "seconds": round(time.perf_counter() - started, 2),
     }
     if encoder == "clip":
-        from .visual_encoder import DEFAULT_CLIP
         meta["clip_source"] = str(clip_path or DEFAULT_CLIP)
     table = FeatureTable(features, mask, meta)
     save_table(table, out_path)
@@ -222,9 +222,21 @@ def run_extract(data, data_path: Path, out_dir: Path, text_encoder: str | None =
                 posters: Path | None = None, item_text: Path | None = None, modalities=("text", "visual"),
                 force: bool = False, text_batch: int = 64, visual_batch: int = 32, workers: int = 0,
                 threads: int | None = None, progress: bool = True) -> dict:
-    """Extract the requested modalities for a loaded ``SequenceDataset``; returns a summary per modality."""
-    from .texts import item_texts, known_items, movie_catalogue
+    """Extract the requested modalities for a loaded ``SequenceDataset``; returns a summary per modality.
 
+    ``threads`` (and the DataLoader ``workers``) size torch's threads for the extraction only: the
+    thread count, default dtype, grad mode and global RNG states are restored on return
+    (:func:`feddmmr.global_state.preserved`), so a run that extracts its features in-process trains
+    with the threads, and draws the numbers, of a run that finds them cached.
+    """
+    with preserved():
+        return _run_extract(data, data_path, out_dir, text_encoder, visual_encoder, clip_path, posters, item_text,
+                            modalities, force, text_batch, visual_batch, workers, threads, progress)
+
+
+def _run_extract(data, data_path: Path, out_dir: Path, text_encoder: str | None, visual_encoder: str,
+                 clip_path: str | None, posters: Path | None, item_text: Path | None, modalities, force: bool,
+                 text_batch: int, visual_batch: int, workers: int, threads: int | None, progress: bool) -> dict:
     folder = data_folder(Path(data_path))
     catalogue = movie_catalogue(folder) if data.item_raw_ids is None else None
     known = known_items(data.item_raw_ids, data.occurring_items(), catalogue)

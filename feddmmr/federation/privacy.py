@@ -32,7 +32,8 @@ from ..config import ConfigError
 from .server import clip_update
 
 NOISE_STREAM = 0x6450  # separates DP sampling and noise from the other (seed, round) random streams
-# Opacus' RDP orders plus larger ones: small sigma / large epsilon (e.g. 8) is tightest at orders above 63
+# Opacus' RDP orders plus larger ones: large sigma / small epsilon is tightest at orders above 63
+# (sigma 10, q 0.1, one round: epsilon 0.037 here, 0.106 with Opacus' orders alone; at epsilon 8 they agree)
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 160, 192, 256]
 
 
