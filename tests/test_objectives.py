@@ -227,3 +227,24 @@ def test_a_federation_at_length_200_with_full_softmax_selects_by_full_ndcg(tmp_p
     assert history["best_round"] == best + 1
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["train"]["loss"] == "full_softmax" and saved["train"]["max_seq_len"] == 200
+
+
+@pytest.mark.parametrize("objective", ["sampled_softmax", "full_softmax", "gbce"])
+def test_the_centralized_pooled_pass_trains_under_each_objective(tmp_path, objective):
+    from feddmmr.centralized import pooled_pass
+
+    config = tiny_config(1, dropout=0.0, loss=objective, learning_rate=0.01)
+    fed, clients, trainer = _trainer(tmp_path, config)
+    inputs = np.concatenate([c.inputs for c in clients.values()])
+    targets = np.concatenate([c.targets for c in clients.values()])
+    memory = np.concatenate([c.memory for c in clients.values()])
+    model = fed.model
+    model.set_trainable(config.transmitted_groups)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    pool = torch.from_numpy(fed.data.occurring_items())
+    generator = torch.Generator().manual_seed(0)
+    first = pooled_pass(model, optimizer, inputs, targets, memory, fed.content, pool, config, generator)
+    for _ in range(5):
+        last = pooled_pass(model, optimizer, inputs, targets, memory, fed.content, pool, config, generator)
+    assert np.mean(last) < np.mean(first)
+    assert torch.count_nonzero(model.sasrec.item_emb.weight[0]) == 0  # padding row never trained
