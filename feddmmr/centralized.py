@@ -62,12 +62,17 @@ def pooled_pass(model, optimizer: torch.optim.Optimizer, inputs: np.ndarray, tar
                 memory: np.ndarray, content, pool: torch.Tensor, config: TrainConfig,
                 generator: torch.Generator, prototypes: torch.Tensor | None = None) -> list[float]:
     """One shuffled pass of plain mini-batch training over pooled windows; the next-item losses."""
+    from .federation.client import catalogue_mask
+
     model.train()
     order = torch.randperm(len(inputs), generator=generator).numpy()
     losses = []
+    catalogue = catalogue_mask(model.num_items, pool)
+    full = config.loss == "full_softmax"
     for lo in range(0, len(order), config.batch_size):
         rows = order[lo:lo + config.batch_size]
-        negatives = pool[torch.randint(len(pool), (len(rows), config.num_negatives), generator=generator)]
+        negatives = None if full else \
+            pool[torch.randint(len(pool), (len(rows), config.num_negatives), generator=generator)]
         memory_visual = memory_text = None
         if config.use_memory:
             memory_visual, memory_text = content.memory(memory[rows], prototypes)
@@ -75,7 +80,8 @@ def pooled_pass(model, optimizer: torch.optim.Optimizer, inputs: np.ndarray, tar
         if config.use_memory and config.contrastive_lambda > 0:
             align = torch.from_numpy(np.unique(targets[rows]))
         out = model.losses(torch.from_numpy(inputs[rows]), torch.from_numpy(targets[rows]), negatives,
-                           memory_visual, memory_text, align_items=align)
+                           memory_visual, memory_text, align_items=align, objective=config.loss,
+                           catalogue=catalogue, gbce_t=config.gbce_t)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()

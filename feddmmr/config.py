@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .models.groups import PARAM_GROUPS
+from .models.moe import OBJECTIVES
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,9 @@ class TrainConfig:
     local_epochs: int = 1
     learning_rate: float = 1e-3
     batch_size: int = 64
-    num_negatives: int = 100
+    num_negatives: int = 100  # sampled_softmax / gbce: uniform negatives per training window
+    loss: str = "sampled_softmax"  # next-item objective: sampled_softmax | full_softmax | gbce (models/moe.py)
+    gbce_t: float = 0.75  # gbce: calibration t of gSASRec (0 = plain BCE, 1 = fully calibrated)
     weight_decay: float = 0.0
     local_optimizer: str = "adam"  # adam | sgd (fresh per client and round)
     fedprox_mu: float = 0.0  # > 0: FedProx proximal term
@@ -149,7 +152,7 @@ STRICTLY_POSITIVE = Range(0, open_low=True)
 RANGES: dict[str, Range] = {
     "stage": Range(1, 3), "num_rounds": POSITIVE, "client_fraction": Range(0, 1, open_low=True),
     "local_epochs": POSITIVE, "learning_rate": STRICTLY_POSITIVE, "batch_size": POSITIVE,
-    "num_negatives": POSITIVE, "weight_decay": NON_NEGATIVE, "fedprox_mu": NON_NEGATIVE,
+    "num_negatives": POSITIVE, "gbce_t": FRACTION, "weight_decay": NON_NEGATIVE, "fedprox_mu": NON_NEGATIVE,
     "server_learning_rate": STRICTLY_POSITIVE, "server_momentum": Range(0, 1, open_high=True),
     "eval_every": POSITIVE, "eval_negatives": POSITIVE, "eval_users": NON_NEGATIVE, "seed": Range(0, 2**32 - 1), "top_users": POSITIVE,
     "sasrec_hidden_dim": POSITIVE, "sasrec_num_blocks": POSITIVE, "sasrec_num_heads": POSITIVE,
@@ -171,6 +174,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "item_embedding_aggregation": ("updated_rows", "fedavg"),
     "server_optimizer": ("fedavg", "fedavgm", "fedadam"),
     "eval_protocol": ("sampled", "full"),
+    "loss": OBJECTIVES,
     "aggregation": AGGREGATIONS,
     "attack": ATTACKS,
 }

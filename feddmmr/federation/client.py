@@ -195,16 +195,29 @@ class ItemContent:
         return tuple(out)
 
 
+def catalogue_mask(num_items: int, item_pool) -> torch.Tensor | None:
+    """Bool ``[num_items]``: the rows a full softmax may rank (the items that occur; never padding 0)."""
+    if num_items <= 0:
+        return None
+    mask = torch.zeros(num_items, dtype=torch.bool)
+    mask[torch.as_tensor(np.asarray(item_pool, dtype=np.int64))] = True
+    mask[0] = False
+    return mask
+
+
 class _Losses(nn.Module):
     """Exposes ``model.losses`` as a forward so ``torch.func.functional_call`` can drive it."""
 
-    def __init__(self, model: UR4RecV2MoE, detach_negatives: bool):
+    def __init__(self, model: UR4RecV2MoE, detach_negatives: bool, objective: str = "sampled_softmax",
+                 catalogue: torch.Tensor | None = None, gbce_t: float = 0.75):
         super().__init__()
         self.model, self.detach_negatives = model, detach_negatives
+        self.objective, self.catalogue, self.gbce_t = objective, catalogue, gbce_t
 
     def forward(self, inputs, targets, negatives, memory_visual, memory_text, align_items):
         out = self.model.losses(inputs, targets, negatives, memory_visual, memory_text, align_items=align_items,
-                                detach_negatives=self.detach_negatives)
+                                detach_negatives=self.detach_negatives, objective=self.objective,
+                                catalogue=self.catalogue, gbce_t=self.gbce_t)
         return out["loss"], {k: v for k, v in out.items() if k != "loss"}
 
 
@@ -236,7 +249,8 @@ class LocalTrainer:
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         if not self.names:
             raise ValueError(f"stage trains no parameters (trainable_groups={config.trainable_groups})")
-        self.wrapper = _Losses(model, not config.update_negative_items)
+        self.wrapper = _Losses(model, not config.update_negative_items, config.loss,
+                               catalogue_mask(model.num_items, item_pool), config.gbce_t)
         self._grads: dict[tuple, callable] = {}
 
     def _grad(self, params, *batch):
@@ -383,7 +397,9 @@ class LocalTrainer:
         length = clients[0].inputs.shape[1]
         inputs = np.zeros((count, width, length), dtype=np.int64)
         targets = np.zeros_like(inputs)
-        negatives = torch.zeros((count, width, cfg.num_negatives), dtype=torch.long)
+        # full softmax scores the whole catalogue: no negatives drawn (so none of the generator's draws)
+        sampled = 0 if cfg.loss == "full_softmax" else cfg.num_negatives
+        negatives = torch.zeros((count, width, sampled), dtype=torch.long)
         memory_k = clients[0].memory.shape[1]
         memory = np.zeros((count, width, memory_k), dtype=np.int64)
         align = np.zeros((count, self.align_items), dtype=np.int64)
@@ -392,8 +408,9 @@ class LocalTrainer:
                 continue
             n = len(picked)
             inputs[index, :n], targets[index, :n] = client.inputs[picked], client.targets[picked]
-            draw = torch.randint(len(self.item_pool), (n, cfg.num_negatives), generator=generators[index])
-            negatives[index, :n] = self.item_pool[draw]
+            if sampled:
+                draw = torch.randint(len(self.item_pool), (n, sampled), generator=generators[index])
+                negatives[index, :n] = self.item_pool[draw]
             if memory_k:
                 memory[index, :n] = client.memory[picked]
             if cfg.use_memory and cfg.contrastive_lambda > 0:

@@ -25,6 +25,8 @@ from torch import nn
 from .groups import PARAM_GROUPS, group_of
 from .sasrec import SASRec
 
+OBJECTIVES = ("sampled_softmax", "full_softmax", "gbce")
+
 
 class CheckpointError(ValueError):
     """A checkpoint does not fit the model; the message names the group and the key."""
@@ -291,29 +293,47 @@ class UR4RecV2MoE(nn.Module):
         return self.score(hidden, target_items, memory_visual, memory_text, target_visual, memory_mask)
 
     # ------------------------------------------------------------------ training losses
-    def losses(self, input_seq: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor,
+    def losses(self, input_seq: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None,
                memory_visual: torch.Tensor | None = None, memory_text: torch.Tensor | None = None,
                memory_mask: torch.Tensor | None = None, align_items: torch.Tensor | None = None,
-               detach_negatives: bool = False) -> dict[str, torch.Tensor]:
+               detach_negatives: bool = False, objective: str = "sampled_softmax",
+               catalogue: torch.Tensor | None = None, gbce_t: float = 0.75) -> dict[str, torch.Tensor]:
         """Next-item loss at every position plus the auxiliary losses, returned separately.
 
         input_seq/positives ``[B, L]`` (positives[b, t] follows input_seq[b, t]; 0 = no target),
-        negatives ``[B, N]`` shared by the positions of a sequence. Sampled softmax over
-        (positive, negatives); a negative equal to the positive is masked out. ``align_items``
-        ``[A]`` (0 = padding) are the items the InfoNCE alignment runs over. Everything is
-        masked rather than indexed, so a batch of clients can run under ``torch.func.vmap``.
-        ``detach_negatives``: the negatives' embedding rows get no gradient, so a client only
-        moves the rows of items it interacted with.
+        negatives ``[B, N]`` shared by the positions of a sequence. ``objective``:
+
+        * ``sampled_softmax``: softmax cross-entropy over (positive, negatives); a negative equal to
+          the positive is masked out.
+        * ``full_softmax``: softmax cross-entropy over the whole catalogue: every item row is a
+          candidate except padding (row 0) and, when ``catalogue`` (bool ``[num_items]``) is given,
+          the rows it marks False (items that never occur). ``negatives`` are not used.
+        * ``gbce``: gSASRec's generalised BCE (Petrov & Macdonald, 2023) over the sampled negatives:
+          ``-beta * log sigmoid(s+) - sum log(1 - sigmoid(s-))`` with
+          ``beta = alpha (t (1 - 1/alpha) + 1/alpha)``, ``alpha = N / (catalogue size - 1)``.
+
+        The experts' bonus (a per (user, candidate) term) is added to every candidate's logit, for the
+        full catalogue too. ``align_items`` ``[A]`` (0 = padding) are the items the InfoNCE alignment
+        runs over. Everything is masked rather than indexed, so a batch of clients can run under
+        ``torch.func.vmap``. ``detach_negatives``: only the positives' embedding rows get gradient
+        (full softmax: the normaliser's rows are detached too, except the target's own logit).
         """
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
         hidden = self.encode(input_seq)
+        uses_memory = memory_visual is not None or memory_text is not None
+        valid = (positives != 0).float()
+        count = valid.sum().clamp_min(1.0)
+        if objective == "full_softmax":
+            return self._full_softmax(hidden, positives, memory_visual, memory_text, memory_mask, align_items,
+                                      detach_negatives, catalogue, valid, count)
         pos_emb, neg_emb = self.sasrec.item_emb(positives), self.sasrec.item_emb(negatives)
         if detach_negatives:
             neg_emb = neg_emb.detach()
         pos_logit = (hidden * pos_emb).sum(-1)
         neg_logit = torch.einsum("bld,bnd->bln", hidden, neg_emb)
         tables = None
-        if (memory_visual is not None or memory_text is not None) and 0 < self.num_items <= \
-                positives.numel() + negatives.numel():
+        if uses_memory and 0 < self.num_items <= positives.numel() + negatives.numel():
             tables = self.projected_tables()  # one projection of the catalogue serves both calls
         pos_bonus, pos_w, lb_pos = self.auxiliary(positives, memory_visual, memory_text,
                                                   memory_mask=memory_mask, dedupe=False, tables=tables)
@@ -321,12 +341,49 @@ class UR4RecV2MoE(nn.Module):
                                               memory_mask=memory_mask, dedupe=False, tables=tables)
         pos_logit = pos_logit + pos_bonus
         neg_logit = neg_logit + neg_bonus.unsqueeze(1)
-        neg_logit = neg_logit.masked_fill(negatives.unsqueeze(1) == positives.unsqueeze(-1), float("-inf"))
-        logits = torch.cat([pos_logit.unsqueeze(-1), neg_logit], dim=-1)
-        valid = (positives != 0).float()
-        count = valid.sum().clamp_min(1.0)
-        next_item = ((torch.logsumexp(logits, -1) - logits[..., 0]) * valid).sum() / count
-        load_balance = 0.5 * (lb_pos + lb_neg)
+        same = negatives.unsqueeze(1) == positives.unsqueeze(-1)
+        if objective == "gbce":
+            size = (int(catalogue.sum()) if catalogue is not None else self.num_items - 1)
+            alpha = negatives.shape[-1] / max(size - 1, 1)
+            beta = alpha * (gbce_t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
+            per_position = -beta * F.logsigmoid(pos_logit) - (F.logsigmoid(-neg_logit) * (~same).float()).sum(-1)
+            next_item = (per_position * valid).sum() / count
+        else:
+            neg_logit = neg_logit.masked_fill(same, float("-inf"))
+            logits = torch.cat([pos_logit.unsqueeze(-1), neg_logit], dim=-1)
+            next_item = ((torch.logsumexp(logits, -1) - logits[..., 0]) * valid).sum() / count
+        return self._total(next_item, 0.5 * (lb_pos + lb_neg), align_items, pos_w, valid, count)
+
+    def _full_softmax(self, hidden, positives, memory_visual, memory_text, memory_mask, align_items,
+                      detach_negatives, catalogue, valid, count) -> dict[str, torch.Tensor]:
+        """Cross-entropy of each position's next item against every catalogue row ``[B, L, num_items]``."""
+        weight = self.sasrec.item_emb.weight
+        rows = torch.arange(self.num_items, device=positives.device)
+        allowed = rows != 0
+        if catalogue is not None:
+            allowed = allowed & catalogue
+        logits = hidden @ (weight.detach() if detach_negatives else weight).T  # [B, L, I]
+        target = positives.unsqueeze(-1)
+        pos_logit = (hidden * self.sasrec.item_emb(positives)).sum(-1)
+        uses_memory = memory_visual is not None or memory_text is not None
+        pos_w = hidden.new_zeros((*positives.shape, 2))
+        load_balance = hidden.new_zeros(())
+        if uses_memory:
+            tables = self.projected_tables()
+            everything = rows.unsqueeze(0).expand(positives.shape[0], -1)
+            bonus, _, load_balance = self.auxiliary(everything, memory_visual, memory_text, memory_mask=memory_mask,
+                                                    dedupe=False, tables=tables)  # [B, I]
+            logits = logits + bonus.unsqueeze(1)
+            pos_bonus, pos_w, _ = self.auxiliary(positives, memory_visual, memory_text, memory_mask=memory_mask,
+                                                 dedupe=False, tables=tables)
+            pos_logit = pos_logit + pos_bonus
+        if detach_negatives:  # the target's own column keeps its gradient
+            logits = torch.where(rows == target, pos_logit.unsqueeze(-1), logits)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        next_item = ((torch.logsumexp(logits, -1) - pos_logit) * valid).sum() / count
+        return self._total(next_item, load_balance, align_items, pos_w, valid, count)
+
+    def _total(self, next_item, load_balance, align_items, pos_w, valid, count) -> dict[str, torch.Tensor]:
         if align_items is not None:
             contrastive = self.alignment_loss(align_items)
         else:
