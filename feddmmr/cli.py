@@ -14,7 +14,8 @@ from .baselines import popularity_scorer
 from .cli_args import add_data_args, columns_from_args, emit, int_at_least, load_from_args
 from .config import ConfigError, apply_overrides, parse_sets
 from .data.dataset import last_n_padded, why_absent
-from .data.readers import DataError, read_interactions
+from .data.parsing import DataError
+from .data.readers import read_interactions
 from .engine.assemble import restore, stage_config
 from .evaluation import evaluate
 from .features.cli import add_features_parser

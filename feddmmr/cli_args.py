@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from .data.dataset import SequenceDataset, load_dataset
-from .data.readers import LAYOUTS, TableColumns
+from .data.parsing import TableColumns
+from .data.readers import LAYOUTS
 
 
 def add_data_args(parser: argparse.ArgumentParser, default_top: int | None = None) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .readers import REMAPPED, DataError, Interactions, TableColumns, read_interactions
+from .parsing import DataError, Interactions, TableColumns
+from .readers import REMAPPED, read_interactions
 
 log = logging.getLogger(__name__)
 

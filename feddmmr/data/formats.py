@@ -1,12 +1,13 @@
 """The recommender-systems layouts besides ML-1M: RecBole atomic files, MovieLens 100K, MovieLens
-10M/20M/25M/32M, and the column names a generic table's user, item and time columns go by.
+10M/20M/25M/32M, and generic CSV/TSV/Parquet tables with the column names their user, item and time
+columns go by.
 
 Every layout here remaps its item ids (``build_sequences``), so ids may be sparse integers or any
 strings. Each reader also returns the item metadata of the dataset's item file when there is one
 (``u.item``, ``movies.csv``/``movies.dat``, ``NAME.item``): a display title and one descriptive
 text per raw item id, which ``feddmmr recommend`` shows and the text features encode.
 
-Errors follow :mod:`feddmmr.data.readers`: one :class:`DataError` naming the file, the line and the
+Errors follow :mod:`feddmmr.data.parsing`: one :class:`DataError` naming the file, the line and the
 problem; nothing is silently skipped (exact duplicate lines are dropped with a warning, as there).
 """
 
@@ -20,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .readers import (CATALOGUE_ENCODINGS, DataError, Interactions, TableColumns, _dedupe, _find,
-                      _int_field, _open_text_lines, _read_raw, _split_fields, read_movie_genres, read_movies,
-                      read_table)
+from .parsing import (CATALOGUE_ENCODINGS, GROUPLENS_HINT, DataError, Interactions, TableColumns, _dedupe, _find,
+                      _int_field, _int_rows, _open_text_lines, _read_raw, _split_fields, drop_duplicate_rows,
+                      read_movie_genres, read_movies)
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,106 @@ def resolve_columns(path: Path, present: list[str], columns: TableColumns) -> Ta
 
 def _header_line(path: Path) -> int | None:
     return None if path.suffix.lower() == ".parquet" else 1
+
+
+# --------------------------------------------------------------------------- custom tables
+
+def read_table(path: Path, columns: TableColumns = TableColumns(), sep: str | None = None,
+               typed_header: bool = False, layout: str = "table") -> Interactions:
+    """A CSV/TSV/Parquet table; ids may be any strings (they are remapped later).
+
+    ``typed_header``: a RecBole atomic file, whose header fields are ``name:type``; the names are
+    matched without their types.
+    """
+    import pandas as pd
+
+    if not path.exists():
+        raise DataError(path, "file not found. " + GROUPLENS_HINT)
+    if not path.is_file():
+        raise DataError(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise DataError(path, "file is empty")
+    suffixes = "".join(path.suffixes[-2:]).lower()
+    try:
+        if ".parquet" in suffixes:
+            frame = pd.read_parquet(path)
+        else:
+            raw = _read_raw(path)
+            if b"\x00" in raw or raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                _first_text_error(path)
+            frame = pd.read_csv(io.BytesIO(raw), sep=sep or ("\t" if ".tsv" in suffixes else ","), dtype=str,
+                                keep_default_na=False, encoding="utf-8", compression=None,
+                                quoting=3 if typed_header else 0)
+    except UnicodeDecodeError as exc:
+        _first_text_error(path)
+        raise DataError(path, f"wrong encoding: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except DataError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise DataError(path, "file is empty") from None
+    except pd.errors.ParserError as exc:
+        raise DataError(path, f"malformed table: {exc}") from None
+    except Exception as exc:  # pyarrow raises many types for a broken parquet file
+        raise DataError(path, f"cannot read table: {exc}") from None
+    if frame.empty:
+        raise DataError(path, "table has a header but no rows")
+    if typed_header:
+        header = [str(c) for c in frame.columns]
+        if not is_recbole_header("\t".join(header)):
+            raise DataError(path, f"not a RecBole atomic-file header (tab-separated name:type fields, e.g. "
+                                  f"'user_id:token'): {header}", 1)
+        frame.columns = list(recbole_field_types(path, header))
+        columns = TableColumns(*(c.split(":", 1)[0] if c else None
+                                 for c in (columns.user, columns.item, columns.time, columns.rating)))
+    columns = resolve_columns(path, [str(c) for c in frame.columns], columns)
+    users = frame[columns.user].astype(str).to_numpy()
+    items = frame[columns.item].astype(str).to_numpy()
+    for name, values in ((columns.user, users), (columns.item, items)):
+        blank = np.flatnonzero(np.char.str_len(values.astype(str)) == 0)
+        if blank.size:
+            raise DataError(path, f"empty value in column {name!r}", _table_line(path, int(blank[0])))
+    order = _numeric(path, frame[columns.time], columns.time, allow_dates=True)
+    ratings = _numeric(path, frame[columns.rating], columns.rating) if columns.rating else None
+    keep = drop_duplicate_rows(path, [c for c in (users, items, order, ratings) if c is not None], header=True)
+    if keep is not None:
+        users, items, order = users[keep], items[keep], order[keep]
+        ratings = ratings[keep] if ratings is not None else None
+    return Interactions(users, items, order, ratings, layout, path, {}, item_column=columns.item)
+
+
+def _first_text_error(path: Path) -> None:
+    """The slow, precise pass over a text file: raises its first encoding problem, with the line."""
+    for _ in _open_text_lines(path, "utf-8"):
+        pass
+
+
+def _table_line(path: Path, row: int) -> int | None:
+    """File line of a data row (header is line 1); parquet has no lines."""
+    return None if path.suffix.lower() == ".parquet" else row + 2
+
+
+def _numeric(path: Path, series, name: str, allow_dates: bool = False) -> np.ndarray:
+    import pandas as pd
+
+    values = pd.to_numeric(series, errors="coerce")
+    bad = np.flatnonzero(values.isna().to_numpy())
+    if bad.size and allow_dates:
+        dates = pd.to_datetime(series, errors="coerce", utc=True, format="mixed")
+        if not dates.isna().any():
+            return dates.astype("int64").to_numpy()
+    if bad.size:
+        row = int(bad[0])
+        value = series.iloc[row]
+        problem = ("is empty (a missing field or a truncated line?)" if isinstance(value, str) and not value.strip()
+                   else "is not a number" + (" or a date" if allow_dates else ""))
+        raise DataError(path, f"column {name!r} value {value!r} {problem}", _table_line(path, row))
+    numbers = values.to_numpy(dtype=np.float64)
+    infinite = np.flatnonzero(~np.isfinite(numbers))
+    if infinite.size:
+        row = int(infinite[0])
+        raise DataError(path, f"column {name!r} value {series.iloc[row]!r} is not a finite number",
+                        _table_line(path, row))
+    return numbers
 
 
 # --------------------------------------------------------------------------- item metadata
@@ -313,8 +414,6 @@ def read_recbole_items(path: Path, item_field: str) -> ItemMetadata:
 
 def read_ml100k(path: Path) -> Interactions:
     """``u.data`` (tab-separated ``user item rating timestamp``, no header), ``u.item`` beside it."""
-    from .readers import _int_rows
-
     folder = path if path.is_dir() else path.parent
     data_path = (_find(folder, "u.data") if path.is_dir() else path)
     if data_path is None:
@@ -416,8 +515,6 @@ def _positive(path: Path, number: int, value: str, name: str) -> int:
 
 
 def _keep_unique(path: Path, values: list[np.ndarray], header: bool):
-    from .readers import drop_duplicate_rows
-
     return drop_duplicate_rows(path, values, header)
 
 

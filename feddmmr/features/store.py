@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.readers import DataError
+from ..data.parsing import DataError
 from . import TEXT_FILE, VISUAL_FILE
 
 FORMAT_VERSION = 1

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.formats import compose, split_title  # noqa: F401  (re-exported: moved to the data layer)
-from ..data.readers import (DataError, _find, _int_field, _open_text_lines, _split_fields, read_json_gz,
+from ..data.parsing import (DataError, _find, _int_field, _open_text_lines, _split_fields, read_json_gz,
                             read_movie_genres, read_movies)
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import torch
 
 from ..config import ConfigError, TrainConfig, apply_overrides, validate_config
 from ..data.dataset import SequenceDataset, load_dataset
-from ..data.readers import TableColumns
+from ..data.parsing import TableColumns
 from ..engine.assemble import LocalClients, assemble, client_seed, stage_config
 from ..evaluation import METRIC_NAMES
 from ..federation.client import pack_clients, unpack_clients
