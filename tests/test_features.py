@@ -171,7 +171,7 @@ def test_text_extraction_masks_norms_and_cache(tmp_path, tiny_st):
 
 
 def test_text_zero_vector_rows_stay_masked(tmp_path, monkeypatch, tiny_st):
-    from feddmmr.features import text_encoder
+    from feddmmr.features import extract, text_encoder
 
     class Fake:
         def __init__(self, real):
@@ -184,7 +184,7 @@ def test_text_zero_vector_rows_stay_masked(tmp_path, monkeypatch, tiny_st):
             return out
 
     real_load = text_encoder.load_text_encoder
-    monkeypatch.setattr(text_encoder, "load_text_encoder", lambda name: Fake(real_load(name)))
+    monkeypatch.setattr(extract, "load_text_encoder", lambda name: Fake(real_load(name)))
     texts = ItemTexts({1: "a", 2: "b"}, {1: "plot", 2: "plot"}, {1: 1, 2: 2})
     table, _ = extract_text(texts, 3, tmp_path / "t.pt", tiny_st, progress=False)
     assert table.mask.tolist() == [False, False, True]

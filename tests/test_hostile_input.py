@@ -530,9 +530,9 @@ POSTERS = {  # content -> the reason the warning must give
 
 def test_unreadable_posters_count_as_missing_and_are_named(tmp_path, monkeypatch, caplog):
     """A bad poster never stops extraction: it is logged with its file and reason and counts as missing."""
-    from feddmmr.features import extract, visual_encoder
+    from feddmmr.features import extract
 
-    monkeypatch.setattr(visual_encoder, "load_visual_encoder", lambda *a, **k: StubEncoder())
+    monkeypatch.setattr(extract, "load_visual_encoder", lambda *a, **k: StubEncoder())
     folder = tmp_path / "posters"
     folder.mkdir()
     (folder / "1.jpg").write_bytes(jpeg())
