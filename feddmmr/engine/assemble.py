@@ -49,9 +49,6 @@ class Assembly:
         """One local trainer on a copy of the global model (clients never touch the server's model)."""
         return LocalTrainer(copy.deepcopy(self.model), self.config, self.content, self.data.occurring_items())
 
-    def model_kwargs(self) -> dict:
-        return self.config.model_kwargs(self.data.num_items, self.model.visual_dim, self.model.text_dim)
-
 
 def load_content(config: TrainConfig, features_dir: Path | None, num_items: int) -> tuple[ItemContent, dict, int, int]:
     """Item feature tables for the memory (None for a modality switched off)."""
@@ -115,18 +112,20 @@ def memory_scorer(model: UR4RecV2MoE, content: ItemContent, memory_ids: np.ndarr
     """The evaluation scorer: the last position's representation, the users' memory, one scoring rule.
 
     Over a catalogue streamed in blocks, the experts' item-only terms are computed once for the
-    whole evaluation instead of once per batch and block."""
+    whole evaluation instead of once per batch and block, and a batch's sequence representation
+    and memory once for all its blocks."""
     blocks = model.num_items > ITEM_BLOCK
     tables = None
     if memory_ids is not None and blocks:
         with torch.no_grad():
             tables = model.projected_tables()
+    batch: dict = {}  # the last batch's input tensor (kept alive, so identity is safe) and its user side
 
     def score(users: np.ndarray, seq: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
-        hidden = model.encode(seq)[:, -1]
-        memory_visual = memory_text = None
-        if memory_ids is not None:
-            memory_visual, memory_text = content.memory(memory_ids[users], prototypes)
+        if batch.get("seq") is not seq:
+            memory = content.memory(memory_ids[users], prototypes) if memory_ids is not None else (None, None)
+            batch.update(seq=seq, hidden=model.encode(seq)[:, -1], memory=memory)
+        hidden, (memory_visual, memory_text) = batch["hidden"], batch["memory"]
         if items is None:
             items = torch.arange(model.num_items).expand(len(users), -1)
         return model.score(hidden, items, memory_visual, memory_text, tables=tables, shared_candidates=blocks)
