@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .data.dataset import SequenceDataset
+from .data.dataset import SequenceDataset, trim_padding
 from .engine.assemble import LocalClients, assemble
 from .engine.loop import finish
 from .engine.run_dir import RunDir, run_config_payload
@@ -79,7 +79,8 @@ def pooled_pass(model, optimizer: torch.optim.Optimizer, inputs: np.ndarray, tar
         align = None
         if config.use_memory and config.contrastive_lambda > 0:
             align = torch.from_numpy(np.unique(targets[rows]))
-        out = model.losses(torch.from_numpy(inputs[rows]), torch.from_numpy(targets[rows]), negatives,
+        width = trim_padding(inputs[rows])
+        out = model.losses(torch.from_numpy(inputs[rows, -width:]), torch.from_numpy(targets[rows, -width:]), negatives,
                            memory_visual, memory_text, align_items=align, objective=config.loss,
                            catalogue=catalogue, gbce_t=config.gbce_t)
         optimizer.zero_grad(set_to_none=True)

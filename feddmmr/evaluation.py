@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data.dataset import SequenceDataset
+from .data.dataset import SequenceDataset, trim_padding
 from .safeio import ArrayFileError, load_npy
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,8 @@ def evaluate(score_fn: ScoreFn, data: SequenceDataset, split: str = "val", proto
     all_ranks = []
     for lo in range(0, len(users), batch_size):
         rows = users[lo:lo + batch_size]
-        seq = torch.from_numpy(inputs[lo:lo + batch_size])
+        batch = inputs[lo:lo + batch_size]
+        seq = torch.from_numpy(batch[:, -trim_padding(batch):])
         if protocol == "sampled":
             with torch.no_grad():
                 scores = score_fn(rows, seq, torch.from_numpy(cands[lo:lo + batch_size])).float()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.dataset import SequenceDataset, last_n_padded
+from ..data.dataset import SequenceDataset, last_n_padded, trim_padding
 from ..models import UR4RecV2MoE
 from .memory import ItemSpace, LocalMemory, MemoryConfig, client_threshold, novelty
 
@@ -426,5 +426,6 @@ class LocalTrainer:
             memory_visual = None if memory_visual is None else memory_visual.view(count, width, *memory_visual.shape[1:])
             memory_text = None if memory_text is None else memory_text.view(count, width, *memory_text.shape[1:])
         align_items = torch.from_numpy(align) if (cfg.use_memory and cfg.contrastive_lambda > 0) else None
-        return (torch.from_numpy(inputs), torch.from_numpy(targets), negatives, memory_visual, memory_text,
-                align_items)
+        width = trim_padding(inputs)
+        return (torch.from_numpy(inputs[..., -width:]), torch.from_numpy(targets[..., -width:]), negatives,
+                memory_visual, memory_text, align_items)
