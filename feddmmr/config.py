@@ -37,6 +37,8 @@ class TrainConfig:
     server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam
     server_learning_rate: float = 1.0
     server_momentum: float = 0.9
+    server_lr_schedule: str = "constant"  # constant | cosine (server step annealed over num_rounds)
+    server_lr_final_ratio: float = 0.0  # cosine: the last round's step as a share of server_learning_rate
     # update screening and aggregation (federation/server.py; docs/robustness.md)
     aggregation: str = "fedavg"  # fedavg | fedprox (needs fedprox_mu > 0) | trimmed_mean | median
     trim_fraction: float = 0.1  # trimmed_mean: share dropped at each end of every coordinate, [0, 0.5)
@@ -154,6 +156,7 @@ RANGES: dict[str, Range] = {
     "local_epochs": POSITIVE, "learning_rate": STRICTLY_POSITIVE, "batch_size": POSITIVE,
     "num_negatives": POSITIVE, "gbce_t": FRACTION, "weight_decay": NON_NEGATIVE, "fedprox_mu": NON_NEGATIVE,
     "server_learning_rate": STRICTLY_POSITIVE, "server_momentum": Range(0, 1, open_high=True),
+    "server_lr_final_ratio": FRACTION,
     "eval_every": POSITIVE, "eval_negatives": POSITIVE, "eval_users": NON_NEGATIVE, "seed": Range(0, 2**32 - 1), "top_users": POSITIVE,
     "sasrec_hidden_dim": POSITIVE, "sasrec_num_blocks": POSITIVE, "sasrec_num_heads": POSITIVE,
     "max_seq_len": POSITIVE, "moe_num_heads": POSITIVE, "dropout": Range(0, 1, open_high=True),
@@ -173,6 +176,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "local_optimizer": ("adam", "sgd"),
     "item_embedding_aggregation": ("updated_rows", "fedavg"),
     "server_optimizer": ("fedavg", "fedavgm", "fedadam"),
+    "server_lr_schedule": ("constant", "cosine"),
     "eval_protocol": ("sampled", "full"),
     "loss": OBJECTIVES,
     "aggregation": AGGREGATIONS,

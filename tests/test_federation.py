@@ -424,6 +424,22 @@ def test_server_momentum_accumulates_the_mean_update():
         ServerOptimizer("sgd")
 
 
+def test_a_cosine_server_schedule_anneals_the_step_from_full_to_the_final_ratio():
+    from feddmmr.federation.server import ServerOptimizer
+
+    cosine = ServerOptimizer("fedavg", schedule="cosine", num_rounds=5, final_ratio=0.1)
+    rates = [cosine.learning_rate(r) for r in range(1, 6)]
+    assert rates[0] == pytest.approx(1.0) and rates[-1] == pytest.approx(0.1)
+    assert rates[2] == pytest.approx(0.55)  # half-way: the mean of both ends
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    glob = {"w": torch.zeros(2)}
+    third = cosine.step(glob, {"w": torch.ones(2)}, round_number=3)["w"]  # delta 1, step 0.55
+    assert torch.allclose(third, torch.full((2,), 0.55))
+    assert torch.equal(ServerOptimizer("fedavg").step(glob, {"w": torch.ones(2)}, round_number=3)["w"],
+                       torch.ones(2))  # constant: the plain mean, whatever the round
+    with pytest.raises(ValueError, match="server_lr_schedule"):
+        ServerOptimizer("fedavg", schedule="step")
+
 def test_without_negative_updates_a_client_moves_only_its_own_item_rows(tmp_path):
     config = tiny_config(1, update_negative_items=False, num_negatives=20)
     fed, clients, trainer = _trainer(tmp_path, config)

@@ -145,7 +145,9 @@ def eval_memory(clients: dict[int, ClientData], split: str, num_users: int, top_
 
 
 def make_server_optimizer(config: TrainConfig) -> ServerOptimizer:
-    return ServerOptimizer(config.server_optimizer, config.server_learning_rate, config.server_momentum)
+    return ServerOptimizer(config.server_optimizer, config.server_learning_rate, config.server_momentum,
+                           schedule=config.server_lr_schedule, num_rounds=config.num_rounds,
+                           final_ratio=config.server_lr_final_ratio)
 
 
 def client_seed(seed: int, round_number: int, user: int) -> int:

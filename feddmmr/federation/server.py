@@ -354,16 +354,32 @@ class ServerOptimizer:
     """
 
     KINDS = ("fedavg", "fedavgm", "fedadam")
+    SCHEDULES = ("constant", "cosine")
 
     def __init__(self, kind: str = "fedavg", learning_rate: float = 1.0, momentum: float = 0.9,
-                 beta2: float = 0.99, tau: float = 1e-3):
+                 beta2: float = 0.99, tau: float = 1e-3, schedule: str = "constant", num_rounds: int = 1,
+                 final_ratio: float = 0.0):
         if kind not in self.KINDS:
             raise ValueError(f"unknown server_optimizer {kind!r}; choose one of {self.KINDS}")
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"unknown server_lr_schedule {schedule!r}; choose one of {self.SCHEDULES}")
         self.kind, self.lr, self.momentum, self.beta2, self.tau = kind, learning_rate, momentum, beta2, tau
+        self.schedule, self.num_rounds, self.final_ratio = schedule, num_rounds, final_ratio
         self.state: dict[str, torch.Tensor] = {}
 
-    def step(self, global_state: dict[str, torch.Tensor], mean_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.kind == "fedavg" and self.lr == 1.0:
+    def learning_rate(self, round_number: int) -> float:
+        """The server step of a round. ``cosine`` anneals it from ``lr`` (round 1) to
+        ``final_ratio x lr`` (the last round): small cohorts make progress fast, but their
+        averaged update is noisy, and a shrinking step averages that noise out late in training."""
+        if self.schedule == "constant" or self.num_rounds <= 1:
+            return self.lr
+        progress = (round_number - 1) / (self.num_rounds - 1)
+        return self.lr * (self.final_ratio + (1 - self.final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def step(self, global_state: dict[str, torch.Tensor], mean_state: dict[str, torch.Tensor],
+             round_number: int = 1) -> dict[str, torch.Tensor]:
+        lr = self.learning_rate(round_number)
+        if self.kind == "fedavg" and lr == 1.0:
             return mean_state
         out = {}
         for key, mean in mean_state.items():
@@ -379,7 +395,7 @@ class ServerOptimizer:
                 second = self.beta2 * self.state.get("v." + key, torch.zeros_like(delta)) + (1 - self.beta2) * delta ** 2
                 self.state["m." + key], self.state["v." + key] = first, second
                 step = first / (second.sqrt() + self.tau)
-            out[key] = (global_state[key].double() + self.lr * step).to(global_state[key].dtype)
+            out[key] = (global_state[key].double() + lr * step).to(global_state[key].dtype)
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
