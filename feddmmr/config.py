@@ -23,6 +23,7 @@ class TrainConfig:
     preset: str = "stage1_backbone"
     num_rounds: int = 20
     client_fraction: float = 0.1
+    clients_per_round: int = 0  # > 0: sample this many clients a round whatever the population (else client_fraction)
     local_epochs: int = 1
     learning_rate: float = 1e-3
     batch_size: int = 64
@@ -153,6 +154,7 @@ STRICTLY_POSITIVE = Range(0, open_low=True)
 # Every numeric key's allowed values (a test checks none is missing). New keys: add a line here.
 RANGES: dict[str, Range] = {
     "stage": Range(1, 3), "num_rounds": POSITIVE, "client_fraction": Range(0, 1, open_low=True),
+    "clients_per_round": NON_NEGATIVE,
     "local_epochs": POSITIVE, "learning_rate": STRICTLY_POSITIVE, "batch_size": POSITIVE,
     "num_negatives": POSITIVE, "gbce_t": FRACTION, "weight_decay": NON_NEGATIVE, "fedprox_mu": NON_NEGATIVE,
     "server_learning_rate": STRICTLY_POSITIVE, "server_momentum": Range(0, 1, open_high=True),
@@ -272,6 +274,9 @@ def _check_privacy(config: TrainConfig, source: str) -> None:
     """DP mode: the ``dp_*`` keys together, and nothing that would leak past the noise: ``updated_rows``
     averaging tells the server which item rows each client changed, and memory prototypes travel
     un-noised."""
+    if config.clients_per_round:
+        raise ConfigError(f"{source}: config key 'clients_per_round' = {config.clients_per_round}: the DP accountant "
+                          "assumes Poisson sampling at rate client_fraction; set client_fraction instead in DP mode")
     if config.dp_noise_multiplier > 0 and config.dp_target_epsilon > 0:
         raise ConfigError(f"{source}: config keys 'dp_noise_multiplier' and 'dp_target_epsilon' both set: set one "
                           "(the target epsilon chooses the noise multiplier)")
@@ -289,14 +294,20 @@ def _check_privacy(config: TrainConfig, source: str) -> None:
 
 def _check_quorum(config: TrainConfig, source: str, num_users: int) -> None:
     """``min_clients`` must be reachable: at most the number of clients sampled per round."""
-    sampled = clients_per_round(num_users, config.client_fraction)
+    sampled = round_size(num_users, config.client_fraction, config.clients_per_round)
     if config.min_clients > sampled:
+        rule = (f"clients_per_round={config.clients_per_round}" if config.clients_per_round
+                else f"client_fraction={config.client_fraction}")
         raise ConfigError(f"{source}: min_clients={config.min_clients} exceeds the {sampled} clients sampled per "
-                          f"round (client_fraction={config.client_fraction} of {num_users} users)")
+                          f"round ({rule} of {num_users} users)")
 
 
-def clients_per_round(num_users: int, fraction: float) -> int:
-    """How many clients a round samples: ``round(fraction * users)``, at least one."""
+def round_size(num_users: int, fraction: float, count: int = 0) -> int:
+    """How many clients a round samples: ``count`` (capped by the population) when set, else
+    ``round(fraction * users)``, at least one. A fixed count keeps a recipe's round the same size
+    when it moves from 1,000 users to 6,040."""
+    if count > 0:
+        return min(count, num_users)
     return max(1, int(round(fraction * num_users)))
 
 

@@ -50,6 +50,19 @@ def test_client_sampling_is_seeded_and_sized():
         sample_clients(100, 0.0, 0, 1)
 
 
+def test_a_fixed_cohort_size_is_the_same_whatever_the_population():
+    from feddmmr.config import ConfigError, TrainConfig, validate_config
+
+    for users in (100, 6040):
+        assert len(sample_clients(users, 0.1, seed=3, round_number=1, count=20)) == 20
+    assert len(sample_clients(15, 0.1, seed=3, round_number=1, count=20)) == 15  # capped by the population
+    with pytest.raises(ConfigError, match="min_clients=21 exceeds the 20 clients.*clients_per_round=20"):
+        validate_config(TrainConfig(clients_per_round=20, min_clients=21), "test", num_users=1000)
+    with pytest.raises(ConfigError, match="clients_per_round"):  # DP accounts for Poisson sampling at a rate
+        validate_config(TrainConfig(clients_per_round=20, dp_noise_multiplier=1.0, dp_clip_norm=1.0,
+                                    item_embedding_aggregation="fedavg"), "test", num_users=1000)
+
+
 def test_prototype_aggregation_gives_unit_global_slots():
     protos = [np.eye(4, dtype=np.float32)[:2], np.eye(4, dtype=np.float32)[2:]]
     centers = aggregate_prototypes(protos, 2, seed=0)

@@ -102,7 +102,8 @@ def run_rounds(config: TrainConfig, model: UR4RecV2MoE, transport: Transport, ru
         if dp:  # DP mode: Poisson sampling, clipped deltas + Gaussian noise over a fixed denominator
             selected = dp.sample(round_number)
         else:
-            selected = sample_clients(transport.num_users, config.client_fraction, config.seed, round_number)
+            selected = sample_clients(transport.num_users, config.client_fraction, config.seed, round_number,
+                                      config.clients_per_round)
         if dp:
             aggregator = dp.aggregator(global_state, round_number)
         else:

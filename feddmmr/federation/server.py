@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from ..config import AGGREGATIONS, clients_per_round
+from ..config import AGGREGATIONS, round_size
 from .memory import kmeans
 
 ITEM_EMBEDDING_KEY = "sasrec.item_emb.weight"
@@ -24,11 +24,11 @@ ROBUST = ("trimmed_mean", "median")
 log = logging.getLogger(__name__)
 
 
-def sample_clients(num_clients: int, fraction: float, seed: int, round_number: int) -> np.ndarray:
+def sample_clients(num_clients: int, fraction: float, seed: int, round_number: int, count: int = 0) -> np.ndarray:
     """The clients of a round: a seeded draw, reproducible from (seed, round) alone."""
     if not 0 < fraction <= 1:
         raise ValueError(f"client_fraction must be in (0, 1], got {fraction}")
-    count = clients_per_round(num_clients, fraction)
+    count = round_size(num_clients, fraction, count)
     rng = np.random.default_rng([seed, round_number])
     return np.sort(rng.choice(num_clients, size=count, replace=False))
 

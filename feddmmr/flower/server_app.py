@@ -1,6 +1,6 @@
 """The ServerApp: the in-process runner's round loop, over the Grid Message API.
 
-Per round: the same ``sample_clients(num_users, client_fraction, seed, round)``; the sampled
+Per round: the same ``sample_clients(num_users, client_fraction, seed, round, clients_per_round)``; the sampled
 users grouped by partition; one ``train`` message per node that has sampled users; the nodes'
 partial aggregates (each checked by ``check_update``) merged with ``Aggregator.merge`` in partition
 order, or, for ``median``/``trimmed_mean``/``clip_norm``, each client's update taken through the
