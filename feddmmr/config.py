@@ -54,6 +54,7 @@ class TrainConfig:
     eval_negatives: int = 100  # negatives per user in the sampled protocol (1 + 100)
     eval_users: int = 0  # > 0: validate each round on this many users (a fixed seeded sample); the final scores use all
     seed: int = 0
+    device: str = "cpu"  # cpu | cuda | auto (cuda when available): where the model trains and scores (devices.py)
     # reliability
     client_dropout: float = 0.0  # fault injection: this fraction of each round's sampled clients fails
     min_clients: int = 1  # a round needs this many answers, else the run stops (resumable)
@@ -172,6 +173,7 @@ RANGES: dict[str, Range] = {
     "attack_scale": Range(), "dp_noise_multiplier": NON_NEGATIVE, "dp_target_epsilon": NON_NEGATIVE,
     "dp_clip_norm": NON_NEGATIVE, "dp_delta": Range(0, 1, open_low=True, open_high=True),
 }
+DEVICES = ("cpu", "cuda", "auto")  # resolved by devices.resolve_device
 AGGREGATIONS = ("fedavg", "fedprox", "trimmed_mean", "median")
 ATTACKS = ("none", "scale", "sign_flip", "nan")  # fault injection for benchmarks and tests
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -183,6 +185,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss": OBJECTIVES,
     "aggregation": AGGREGATIONS,
     "attack": ATTACKS,
+    "device": DEVICES,
 }
 
 
@@ -239,7 +242,8 @@ def validate_config(config: TrainConfig, source: str = "config", *, num_users: i
     The one place for config validation: a new key gets its range in RANGES or its choices in
     CHOICES. ``num_users`` adds the quorum check (``min_clients`` reachable each round);
     ``transport="flower"`` refuses what only the in-process runner does (fault injection, DP), and
-    ``secure_aggregation`` what SecAgg+ cannot do (rules that need each update).
+    ``secure_aggregation`` what SecAgg+ cannot do (rules that need each update). In-process, the
+    ``device`` must be usable on this machine; on Flower each node checks it on its own hardware.
     """
     for spec in dataclasses.fields(TrainConfig):
         name, value, kind = spec.name, getattr(config, spec.name), str(spec.type)
@@ -267,7 +271,18 @@ def validate_config(config: TrainConfig, source: str = "config", *, num_users: i
         _check_quorum(config, source, num_users)
     if transport == "flower":
         _check_flower(config, source, secure_aggregation)
+    else:  # on Flower each node resolves the device on its own hardware (the server never trains)
+        _check_device(config, source)
     return config
+
+
+def _check_device(config: TrainConfig, source: str) -> None:
+    """``device=cuda`` on a machine without a usable GPU fails here, before any work, saying how to fix it."""
+    from .devices import device_problem  # devices imports this module (ConfigError, DEVICES)
+
+    problem = device_problem(config.device)
+    if problem is not None:
+        raise ConfigError(f"{source}: config key 'device' = {config.device!r}: {problem}")
 
 
 def _check_privacy(config: TrainConfig, source: str) -> None:
@@ -339,14 +354,15 @@ def _check_flower(config: TrainConfig, source: str, secure_aggregation: bool) ->
                           "secure_aggregation=false")
 
 
-def apply_overrides(config: TrainConfig, values: dict, source: str) -> TrainConfig:
-    """Set ``values`` on ``config`` (coerced to each key's type), then validate the whole config."""
+def apply_overrides(config: TrainConfig, values: dict, source: str, transport: str = "in-process") -> TrainConfig:
+    """Set ``values`` on ``config`` (coerced to each key's type), then validate the whole config
+    (for ``transport``: see :func:`validate_config`)."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown config key {key!r}")
         setattr(config, key, _coerce(key, value, source))
-    return validate_config(config, source)
+    return validate_config(config, source, transport=transport)
 
 
 def load_preset(name_or_path: str | Path) -> TrainConfig:
