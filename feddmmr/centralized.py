@@ -61,28 +61,32 @@ def run_centralized(config: TrainConfig, data: SequenceDataset, out_dir: Path, e
 def pooled_pass(model, optimizer: torch.optim.Optimizer, inputs: np.ndarray, targets: np.ndarray,
                 memory: np.ndarray, content, pool: torch.Tensor, config: TrainConfig,
                 generator: torch.Generator, prototypes: torch.Tensor | None = None) -> list[float]:
-    """One shuffled pass of plain mini-batch training over pooled windows; the next-item losses."""
+    """One shuffled pass of plain mini-batch training over pooled windows; the next-item losses.
+
+    Batches are made on the model's device; the order and the negatives are drawn on the CPU from
+    ``generator`` (``pool`` stays there), so every device draws the same numbers."""
     from .federation.client import catalogue_mask
 
     model.train()
+    device = model.device
     order = torch.randperm(len(inputs), generator=generator).numpy()
     losses = []
-    catalogue = catalogue_mask(model.num_items, pool)
+    catalogue = catalogue_mask(model.num_items, pool, device)
     full = config.loss == "full_softmax"
     for lo in range(0, len(order), config.batch_size):
         rows = order[lo:lo + config.batch_size]
         negatives = None if full else \
-            pool[torch.randint(len(pool), (len(rows), config.num_negatives), generator=generator)]
+            pool[torch.randint(len(pool), (len(rows), config.num_negatives), generator=generator)].to(device)
         memory_visual = memory_text = None
         if config.use_memory:
-            memory_visual, memory_text = content.memory(memory[rows], prototypes)
+            memory_visual, memory_text = content.memory(memory[rows], prototypes, device)
         align = None
         if config.use_memory and config.contrastive_lambda > 0:
-            align = torch.from_numpy(np.unique(targets[rows]))
+            align = torch.from_numpy(np.unique(targets[rows])).to(device)
         width = trim_padding(inputs[rows])
-        out = model.losses(torch.from_numpy(inputs[rows, -width:]), torch.from_numpy(targets[rows, -width:]), negatives,
-                           memory_visual, memory_text, align_items=align, objective=config.loss,
-                           catalogue=catalogue, gbce_t=config.gbce_t)
+        out = model.losses(torch.from_numpy(inputs[rows, -width:]).to(device),
+                           torch.from_numpy(targets[rows, -width:]).to(device), negatives, memory_visual, memory_text,
+                           align_items=align, objective=config.loss, catalogue=catalogue, gbce_t=config.gbce_t)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()
