@@ -69,14 +69,15 @@ def pooled_pass(model, optimizer: torch.optim.Optimizer, inputs: np.ndarray, tar
 
     model.train()
     device = model.device
-    order = torch.randperm(len(inputs), generator=generator).numpy()
+    order = torch.randperm(len(inputs), generator=generator, device=generator.device).numpy()
     losses = []
     catalogue = catalogue_mask(model.num_items, pool, device)
     full = config.loss == "full_softmax"
     for lo in range(0, len(order), config.batch_size):
         rows = order[lo:lo + config.batch_size]
         negatives = None if full else \
-            pool[torch.randint(len(pool), (len(rows), config.num_negatives), generator=generator)].to(device)
+            pool[torch.randint(len(pool), (len(rows), config.num_negatives), generator=generator,
+                               device=generator.device)].to(device)
         memory_visual = memory_text = None
         if config.use_memory:
             memory_visual, memory_text = content.memory(memory[rows], prototypes, device)

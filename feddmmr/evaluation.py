@@ -48,7 +48,7 @@ def ranks_from_scores(scores: torch.Tensor, target_col: torch.Tensor) -> torch.T
 
 def metrics_from_ranks(ranks: torch.Tensor | np.ndarray) -> dict[str, float]:
     """HR@k, NDCG@k (one relevant item) and MRR from 0-based ranks, averaged over users."""
-    ranks = torch.as_tensor(ranks, dtype=torch.float64)
+    ranks = torch.as_tensor(ranks, dtype=torch.float64, device="cpu")
     out: dict[str, float] = {}
     for k in KS:
         hit = ranks < k
@@ -79,7 +79,7 @@ def sample_candidates(data: SequenceDataset, split: str, seed: int = 0,
     allowed_t = torch.from_numpy(allowed)
     for lo in range(0, data.num_users, chunk):
         users = np.arange(lo, min(lo + chunk, data.num_users))
-        keys = torch.rand((len(users), data.num_items), generator=generator)
+        keys = torch.rand((len(users), data.num_items), generator=generator, device=generator.device)
         mask = ~allowed_t.expand(len(users), -1).clone()
         rows, items = data.history_mask_rows(users)
         mask[torch.from_numpy(rows), torch.from_numpy(items)] = True

@@ -57,12 +57,12 @@ def cached(path: Path, input_hash: str, num_items: int) -> FeatureTable | None:
 
 def assemble(vectors: torch.Tensor, rows: list[int], num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scatter L2-normalised vectors into a zero ``[num_items, D]`` table; zero vectors stay masked."""
-    features = torch.zeros(num_items, vectors.shape[1], dtype=torch.float32)
-    mask = torch.zeros(num_items, dtype=torch.bool)
+    features = torch.zeros(num_items, vectors.shape[1], dtype=torch.float32, device="cpu")  # saved tables: CPU
+    mask = torch.zeros(num_items, dtype=torch.bool, device="cpu")
     if rows:
         vectors = vectors.float()
         good = vectors.norm(dim=1) > 0
-        index = torch.as_tensor(rows, dtype=torch.long)[good]
+        index = torch.as_tensor(rows, dtype=torch.long, device="cpu")[good]
         features[index] = F.normalize(vectors[good], dim=1)
         mask[index] = True
     return features, mask
@@ -97,7 +97,7 @@ def extract_text(texts: ItemTexts, num_items: int, out_path: Path, encoder: str 
     log.info("encoding %d item texts with %s on %s", len(rows), name, device)
     vectors = model.encode([texts.texts[i] for i in rows], batch_size=batch_size, progress=progress)
     if not rows:
-        vectors = torch.zeros(0, model.dim)
+        vectors = torch.zeros(0, model.dim, device="cpu")
     features, mask = assemble(vectors, rows, num_items)
     meta = {
         "modality": "text", "format_version": FORMAT_VERSION, "encoder": name, "encoder_identity": identity,
@@ -181,8 +181,8 @@ def extract_visual(posters: dict[int, Path], known: dict[int, object], num_items
     loader = torch.utils.data.DataLoader(
         PosterDataset([posters[i] for i in rows], model.preprocess), batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=collate_posters, persistent_workers=False)
-    vectors = torch.zeros(len(rows), model.dim)
-    decoded = torch.zeros(len(rows), dtype=torch.bool)
+    vectors = torch.zeros(len(rows), model.dim, device="cpu")  # the encoder's output comes back to the CPU
+    decoded = torch.zeros(len(rows), dtype=torch.bool, device="cpu")
     errors: list[tuple[int, str]] = []
     log.info("encoding %d posters with %s on %s (batch %d, %d loader worker(s), %d threads)", len(rows), model.name,
              device, batch_size, workers, torch.get_num_threads())

@@ -61,7 +61,7 @@ class TextEncoder:
     def encode(self, texts: list[str], batch_size: int = 64, progress: bool = True) -> torch.Tensor:
         """``[len(texts), dim]`` unit vectors (sentence-transformers sorts by length internally)."""
         if not texts:
-            return torch.zeros(0, self.dim)
+            return torch.zeros(0, self.dim, device="cpu")
         out = self.model.encode(texts, batch_size=batch_size, show_progress_bar=progress,
                                 convert_to_tensor=True, normalize_embeddings=True)
         return out.float().cpu().clone()  # a normal tensor, not an inference-mode one

@@ -329,7 +329,7 @@ class LocalTrainer:
         """The client's batches (window rows) over all local epochs, in its own random order."""
         batches = []
         for _ in range(self.config.local_epochs):
-            order = torch.randperm(len(client.inputs), generator=generator).numpy()
+            order = torch.randperm(len(client.inputs), generator=generator, device=generator.device).numpy()
             batches += [order[lo:lo + self.config.batch_size] for lo in range(0, len(order), self.config.batch_size)]
         return batches
 
@@ -419,7 +419,7 @@ class LocalTrainer:
         targets = np.zeros_like(inputs)
         # full softmax scores the whole catalogue: no negatives drawn (so none of the generator's draws)
         sampled = 0 if cfg.loss == "full_softmax" else cfg.num_negatives
-        negatives = torch.zeros((count, width, sampled), dtype=torch.long)
+        negatives = torch.zeros((count, width, sampled), dtype=torch.long, device=self.item_pool.device)
         memory_k = clients[0].memory.shape[1]
         memory = np.zeros((count, width, memory_k), dtype=np.int64)
         align = np.zeros((count, self.align_items), dtype=np.int64)
@@ -429,7 +429,8 @@ class LocalTrainer:
             n = len(picked)
             inputs[index, :n], targets[index, :n] = client.inputs[picked], client.targets[picked]
             if sampled:
-                draw = torch.randint(len(self.item_pool), (n, sampled), generator=generators[index])
+                draw = torch.randint(len(self.item_pool), (n, sampled), generator=generators[index],
+                                     device=generators[index].device)
                 negatives[index, :n] = self.item_pool[draw]
             if memory_k:
                 memory[index, :n] = client.memory[picked]
@@ -437,7 +438,8 @@ class LocalTrainer:
                 distinct = np.unique(client.targets[picked])
                 distinct = distinct[distinct != 0]
                 if len(distinct) > self.align_items:
-                    keep = torch.randperm(len(distinct), generator=generators[index])[:self.align_items].numpy()
+                    keep = torch.randperm(len(distinct), generator=generators[index],
+                                          device=generators[index].device)[:self.align_items].numpy()
                     distinct = distinct[np.sort(keep)]
                 align[index, :len(distinct)] = distinct
         memory_visual = memory_text = None

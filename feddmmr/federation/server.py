@@ -289,7 +289,7 @@ class RobustAggregator:
                 values = torch.where(changed[..., None], values, torch.inf)  # sorted past the real values
                 n = changed.sum(0)[:, None]
             else:
-                n = torch.full((1, 1), count)
+                n = torch.full((1, 1), count, device=glob.device)
             out.append(torch.where(n > 0, self._middle(values.sort(dim=0).values, n), base.double()))
         return torch.cat(out).reshape(reference.shape).to(reference.dtype)
 
@@ -300,7 +300,7 @@ class RobustAggregator:
         else:
             drop = torch.floor(n.double() * self.trim + 1e-9).long()
             lo, hi = drop, n - drop
-        ranks = torch.arange(ordered.shape[0]).view(-1, *[1] * (ordered.dim() - 1))
+        ranks = torch.arange(ordered.shape[0], device=ordered.device).view(-1, *[1] * (ordered.dim() - 1))
         keep = (ranks >= lo) & (ranks < hi)
         return torch.where(keep, ordered.double(), 0.0).sum(0) / keep.sum(0).clamp_min(1)
 
