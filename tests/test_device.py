@@ -142,6 +142,23 @@ def test_device_cpu_trains_the_default_run_bit_for_bit(tmp_path, no_gpu):
             assert json.loads((out / ckpt.CONFIG_FILE).read_text())["train"]["device"] == device
 
 
+def test_a_run_started_before_the_device_key_existed_resumes_exactly(tmp_path, no_gpu):
+    """Its resume point has no ``train.device``: resuming with the default (``cpu``, what it ran on)
+    continues it bit for bit; another value is a config change, refused."""
+    data = tiny_dataset(tmp_path)
+    run_federated(tiny_config(1, num_rounds=2), data, tmp_path / "whole", progress=False)
+    run_federated(tiny_config(1, num_rounds=1), data, tmp_path / "old", progress=False)
+    state_file = tmp_path / "old" / ckpt.RESUME_DIR / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["run_config"]["train"]["device"]  # as written before the key existed
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ckpt.ResumeError, match=r"train\.device was '<absent>', now 'auto'"):
+        run_federated(tiny_config(1, num_rounds=2, device="auto"), data, tmp_path / "old", resume=True,
+                      progress=False)
+    run_federated(tiny_config(1, num_rounds=2), data, tmp_path / "old", resume=True, progress=False)
+    assert _model_bytes(tmp_path / "old") == _model_bytes(tmp_path / "whole")
+
+
 # --------------------------------------------------------------------------- every tensor on the model's device
 
 FACTORIES = {"zeros", "ones", "full", "empty", "arange", "tensor", "as_tensor", "asarray", "eye", "linspace",
