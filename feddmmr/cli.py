@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--no-progress", action="store_true")
     pipe.add_argument("--threads", type=int_at_least(1), default=None,
                       help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
-    add_device_arg(pipe, "the feature encoders and both stages run (the config key `device`)", default=None)
+    add_device_arg(pipe, "the feature encoders run and both stages train and score (the config key `device`)",
+                   default=None)
     pipe.set_defaults(func=cmd_pipeline)
 
     add_features_parser(sub)

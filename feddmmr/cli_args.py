@@ -36,7 +36,7 @@ def add_device_arg(parser, what: str, default: str | None = "cpu") -> None:
     """``--device cpu|cuda|auto``, the same option on every command that computes (``auto``: a GPU when
     there is one); ``None`` as default leaves the config's ``device`` key as it is."""
     parser.add_argument("--device", choices=DEVICES, default=default,
-                        help=f"where {what} runs: cpu, cuda or auto (cuda if available); default: "
+                        help=f"where {what}: cpu, cuda or auto (the GPU when torch sees one); default: "
                              + (default or "the config's `device`, cpu unless set"))
 
 

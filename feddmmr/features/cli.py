@@ -48,7 +48,7 @@ def add_features_parser(sub) -> None:
     ex.add_argument("--workers", type=int_at_least(0), default=None,
                     help="DataLoader workers decoding posters (default: 1 if 2+ cores, else 0)")
     ex.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: all cores)")
-    add_device_arg(ex, "the encoders")
+    add_device_arg(ex, "the encoders run")
     ex.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ck = parser.add_argument_group("check")
     ck.add_argument("--features", type=Path, help="feature folder to check")
