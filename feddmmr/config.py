@@ -333,10 +333,6 @@ def _check_flower(config: TrainConfig, source: str, secure_aggregation: bool) ->
         problems.append(f"attack={config.attack!r} (in-process fault injection)")
     if config.client_dropout > 0:
         problems.append("client_dropout > 0 (in-process fault injection; on Flower, stop a SuperNode instead)")
-    if config.eval_users > 0:
-        problems.append("eval_users > 0 (validation on a sample of users; in-process only for now)")
-    if not config.resident_clients:
-        problems.append("resident_clients=false (each node keeps its own partition's clients)")
     if config.dp_enabled:
         problems.append("differential privacy (dp_noise_multiplier / dp_target_epsilon; in-process only: "
                         "`feddmmr train --set dp_...`)")

@@ -147,6 +147,8 @@ class NodeRuntime(LocalClients):
         self.config, self.data = config, data
         self.trainer = self.assembly.trainer()
         self.build_seconds = 0.0
+        if not config.resident_clients:
+            self.build_on_demand()
 
     @classmethod
     def create(cls, run_config: Mapping, node_config: Mapping | None = None) -> "NodeRuntime":
@@ -167,6 +169,10 @@ class NodeRuntime(LocalClients):
                        saved_signature: str | None = None) -> tuple[str, dict[str, np.ndarray] | None]:
         """Make ``users``' client data available: ``cached`` in this process, ``restored`` from
         ``saved`` arrays, or ``built`` from the data. Returns how, and the arrays to save (or None)."""
+        if not self.resident:  # nothing is built ahead: clients when sampled, evaluation memories when scored
+            if saved and saved_signature == self.memory_signature():
+                self.load_eval_memory_arrays(saved)
+            return "on-demand", None
         missing = [int(u) for u in users if int(u) not in self.clients]
         if not missing:
             return "cached", None
@@ -191,7 +197,8 @@ class NodeRuntime(LocalClients):
         users = sorted(int(u) for u in users)
         aggregator = Aggregator(global_state, cfg.item_embedding_aggregation)
         seeds = [client_seed(cfg.seed, round_number, u) for u in users]
-        updates = self.trainer.train_many([self.clients[u] for u in users], global_state, seeds, prototypes)
+        clients = self.take(users)
+        updates = self.trainer.train_many([clients[u] for u in users], global_state, seeds, prototypes)
         received, losses, each, send_each = [], {}, [], sends_each_update(cfg)
         for user, update in zip(users, updates):
             if send_each:
@@ -204,7 +211,14 @@ class NodeRuntime(LocalClients):
                 losses[key] = losses.get(key, 0.0) + value
         sums, row_weight, total = aggregator.partial()
         return NodeUpdate(sums, row_weight, total, received, losses,
-                          int(sum(self.clients[u].num_samples for u in users)), len(users), each)
+                          int(sum(clients[u].num_samples for u in users)), len(users), each)
+
+    def saved_eval_memory(self, users) -> dict[str, np.ndarray] | None:
+        """On demand and with memory: the evaluation memories built so far for ``users`` (what the node's
+        ``context.state`` keeps, so a later ClientApp process need not rebuild them); None otherwise."""
+        if self.resident or not self.config.use_memory:
+            return None
+        return self.eval_memory_arrays(users)
 
     def evaluate_users(self, users, global_state: Mapping[str, torch.Tensor], prototypes: torch.Tensor | None,
                        requests: list[tuple[str, str, int]]) -> list[dict]:
