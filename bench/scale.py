@@ -233,13 +233,14 @@ def measure_flower(users: int, items: int, stage: int, rounds: int, fraction: fl
     data = load_dataset(table_path, "table", None)  # as the nodes read it (ids remapped to 1..n)
     run_config = {"stage": stage, "data": str(table_path), "layout": "table", "num_rounds": rounds,
                   "client_fraction": fraction, "top_users": "all", "final_users": final_users,
-                  "out": str(work / "run"), "node_wait": 1800.0, "round_timeout": 7200.0, **parse_sets(overrides)}
+                  "out": str(work / "run"), "cache": str(work / "node_cache"), "node_wait": 1800.0,
+                  "round_timeout": 7200.0, **parse_sets(overrides)}
     if stage == 3:
         run_config["features"] = str(synthetic_features(work / "features", data.num_items))
         run_config["init"] = str(stage1_init(work / "stage1", data, Path(run_config["features"])))
     config = apply_overrides(load_preset(stage_preset(stage)), {k: v for k, v in run_config.items()
                                                                  if k not in ("stage", "data", "layout", "out",
-                                                                              "node_wait", "round_timeout",
+                                                                              "cache", "node_wait", "round_timeout",
                                                                               "features", "init")}, "bench/scale.py")
     setup_seconds = time.time() - tick
     print(f"{users} users x {items} items: data on disk ({data.num_users} users, {data.num_items} item indices, "

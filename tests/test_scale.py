@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from feddmmr import evaluation
 from feddmmr.engine.assemble import LocalClients, assemble
 from feddmmr.engine.loop import validation_sample
 from feddmmr.federation import checkpoint as ckpt
@@ -129,7 +130,7 @@ def _weights(path):
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_flower_with_clients_built_on_demand_and_a_validation_sample_gives_the_in_process_model(
-        tmp_path, offline_flower, stage):
+        tmp_path, offline_flower, monkeypatch, stage):
     data, features = tiny_dataset(tmp_path), tiny_features(tmp_path)
     run_federated(tiny_config(1), data, tmp_path / "s1", progress=False)
     keys = {"dropout": 0.0, "resident_clients": False, "eval_users": 5}
@@ -137,9 +138,10 @@ def test_flower_with_clients_built_on_demand_and_a_validation_sample_gives_the_i
     init = tmp_path / "s1" if stage == 3 else None
     inproc = run_federated(config, data, tmp_path / "inproc", features if stage == 3 else None, init, progress=False)
     run_config = {**core.default_app_config(), **as_run_config(config), "data": str(tmp_path / "data"),
-                  "out": str(tmp_path / "flower"), "node_wait": 5.0,
+                  "out": str(tmp_path / "flower"), "node_wait": 5.0, "cache": str(tmp_path / "node_cache"),
                   **({"features": str(features), "init": str(init)} if stage == 3 else {})}
     grid = LocalGrid(run_config, 3)
+    monkeypatch.setattr(evaluation, "_CANDIDATE_CACHE", {})  # what a node process starts with
     history = run_server(grid, run_config)
     a, b = _weights(tmp_path / "inproc"), _weights(tmp_path / "flower")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
@@ -152,6 +154,10 @@ def test_flower_with_clients_built_on_demand_and_a_validation_sample_gives_the_i
     # a validation wave goes only to the nodes holding sampled users (each scores its share); the final one to all
     shares = core.group_by_partition(validation_sample(config, data.num_users), 3)
     assert sum(kind == "evaluate" for _, kind in grid.delivered) == 2 * len(shares) + 3
+    # a node keeps its sampled candidates in its partition's cache folder (a later process reads them)
+    cached = list((tmp_path / "node_cache").glob("*/candidates_*.npy"))
+    assert {p.name.split("_")[2] for p in cached} == {"val", "test"}
+    assert all(p.parent.name.startswith("partition-") for p in cached)
     # nothing is built ahead; each node keeps (in context.state) only its own users' evaluation memories
     assert history["flower"]["client_data"]["on-demand"] > 0
     assert history["flower"]["client_data"]["built"] == history["flower"]["client_data"]["restored"] == 0
