@@ -7,6 +7,14 @@ process, so its peak RSS is its own.
 
     python bench/scale.py --users 1000 10000 --items 4000 27000 --rounds 2 --stage 1
     python bench/scale.py --users 138000 --items 27000 --rounds 1 --stage 1 --fraction 0.01 --json
+    python bench/scale.py --users 20000 --items 27000 --rounds 2 --stage 1 --fraction 0.01 --flower 2 \
+        --set eval_users=500 --set resident_clients=false --final-users 200
+
+``--flower NODES`` runs the same federation on a SuperLink and NODES SuperNodes on 127.0.0.1
+(each a separate process tree, node ``i`` serving the users ``u % NODES == i``), from the dataset
+written to disk as a Parquet table; it reports each node's peak RSS (the summed RSS of the
+SuperNode and the processes serving it, polled every 0.5 s; and its largest ClientApp process's
+own peak, which the ClientApp reports with every reply) and the ServerApp side's.
 """
 
 from __future__ import annotations
@@ -75,27 +83,6 @@ def stage1_init(folder: Path, data, features: Path) -> Path:
     return folder
 
 
-def score_final_on_a_sample(final_users: int) -> dict:
-    """Make the run's final scoring use ``final_users`` users (a bench of round costs, not of quality:
-    the full final pass of a Stage 3 model over 10^5 users x 10^4 items is hours on 2 cores)."""
-    from feddmmr import runner
-
-    timing = {"seconds": 0.0, "users": 0}
-
-    class SampledFinal(runner.InProcess):
-        def evaluate(self, model, prototypes, requests, tag=None, users=None):
-            if tag != "final" or final_users <= 0 or final_users >= self.num_users:
-                return super().evaluate(model, prototypes, requests, tag, users)
-            sample = np.sort(np.random.default_rng(0).choice(self.num_users, final_users, replace=False))
-            tick = time.time()
-            results = super().evaluate(model, prototypes, requests, tag, sample)
-            timing.update(seconds=time.time() - tick, users=final_users)
-            return results
-
-    runner.InProcess = SampledFinal
-    return timing
-
-
 def measure(users: int, items: int, stage: int, rounds: int, fraction: float, threads: int,
             overrides: list[str], final_users: int, queue) -> None:
     """One run in this (child) process; puts the result row on ``queue``."""
@@ -105,7 +92,6 @@ def measure(users: int, items: int, stage: int, rounds: int, fraction: float, th
     from feddmmr.runner import run_federated
 
     torch.set_num_threads(threads)
-    final = score_final_on_a_sample(final_users)
     tick = time.time()
     data = synthetic_dataset(users, items)
     with tempfile.TemporaryDirectory(prefix="feddmmr-scale-") as tmp:
@@ -116,21 +102,169 @@ def measure(users: int, items: int, stage: int, rounds: int, fraction: float, th
             init = stage1_init(tmp / "stage1", data, features)
         config = load_preset(stage_preset(stage))
         config = apply_overrides(config, {"num_rounds": rounds, "client_fraction": fraction, "top_users": "all",
-                                          **parse_sets(overrides)}, "bench/scale.py")
+                                          "final_users": final_users, **parse_sets(overrides)}, "bench/scale.py")
         setup_seconds = time.time() - tick
         history = run_federated(config, data, tmp / "run", features, init, progress=False)
+    queue.put({"users": users, "items": items, "stage": stage, "rounds": rounds, **row(history, config, data),
+               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+               "setup_seconds": round(setup_seconds + history.get("memory_build_seconds", 0.0), 1)})
+
+
+def row(history: dict, config, data) -> dict:
+    """A run's columns from its history: rounds 2.. (round 1 when alone) for the per-round costs."""
     train = [r["train_seconds"] for r in history["rounds"]]
     clients = [r["clients"] for r in history["rounds"]]
     per_round = float(np.mean(train[1:] or train))
-    bytes_per_client = sum(int(np.prod(shape)) * 4 for shape in _transmitted_shapes(config, data.num_items))
-    queue.put({"users": users, "items": items, "stage": stage, "rounds": rounds,
-               "clients_per_round": int(np.mean(clients)), "seconds_per_round": round(per_round, 2),
-               "seconds_per_client": round(float(per_round / max(np.mean(clients), 1)), 4),
-               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-               "bytes_per_client": bytes_per_client,
-               "eval_seconds": round(sum(r.get("eval_seconds", 0.0) for r in history["rounds"]) / len(train), 2),
-               "setup_seconds": round(setup_seconds + history.get("memory_build_seconds", 0.0), 1),
-               "final_seconds_per_user": round(final["seconds"] / final["users"], 5) if final["users"] else None})
+    final_users = next(iter(history["final"].values()))["users"]
+    return {"clients_per_round": int(np.mean(clients)), "seconds_per_round": round(per_round, 2),
+            "seconds_per_client": round(float(per_round / max(np.mean(clients), 1)), 4),
+            "bytes_per_client": sum(int(np.prod(shape)) * 4 for shape in _transmitted_shapes(config, data.num_items)),
+            "eval_seconds": round(sum(r.get("eval_seconds", 0.0) for r in history["rounds"]) / len(train), 2),
+            "final_seconds_per_user": round(history["final_seconds"] / final_users, 5)
+            if config.final_users and "final_seconds" in history else None}
+
+
+# --------------------------------------------------------------------------- sharded over Flower SuperNodes
+
+FLOWER_KEYS = ("users", "items", "stage", "rounds", "nodes", "clients_per_round", "seconds_per_round",
+               "seconds_per_client", "eval_seconds", "discovery_seconds", "final_seconds_per_user",
+               "node_peak_rss_gb", "clientapp_peak_rss_gb", "server_peak_rss_gb", "total_seconds")
+
+
+def write_table(data, path: Path) -> Path:
+    """The dataset as a Parquet table (``user_id``, ``item_id``, ``timestamp`` = position), which any
+    node reads with the ``table`` layout."""
+    import pandas as pd
+
+    lengths = np.diff(data.offsets)
+    users = np.repeat(data.user_ids, lengths)
+    positions = np.arange(len(data.items)) - np.repeat(data.offsets[:-1], lengths)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"user_id": users, "item_id": data.items, "timestamp": positions}).to_parquet(path, index=False)
+    return path
+
+
+class RssSampler:
+    """Polls the resident set size of every process under the deployment's processes (every
+    ``interval`` s): per SuperNode, the peak of the summed RSS of the SuperNode and the processes
+    serving it (its SuperExec and ClientApp processes: its process tree, or, should one leave it,
+    the processes naming the SuperNode's port); the same for the SuperLink and its ServerApp."""
+
+    def __init__(self, processes, interval: float = 0.5):
+        import threading
+
+        self.processes, self.interval = processes, interval
+        self.peaks: dict[str, int] = {}  # group -> peak summed RSS (bytes)
+        self.hwm: dict[int, tuple[str, int]] = {}  # pid -> (group, VmHWM bytes)
+        self.stop_flag = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "RssSampler":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_flag.set()
+        self.thread.join()
+
+    def _groups(self) -> dict[str, str]:
+        """``group -> text on the command lines of its processes`` (a port)."""
+        return {item.name: "127.0.0.1:" + item.process.args[item.process.args.index("--port") + 1]
+                for item in self.processes.started}
+
+    def _run(self) -> None:
+        from feddmmr.flower.deploy import process_table, process_tree
+
+        groups = self._groups()
+        roots = {item.process.pid: item.name for item in self.processes.started}
+        while not self.stop_flag.wait(self.interval):
+            table = process_table()
+            owner = {}
+            for pid, name in roots.items():
+                for member in process_tree(pid, table):
+                    owner[member] = name
+            for pid in list(table):
+                if pid in owner:
+                    continue
+                try:
+                    command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                except OSError:
+                    continue
+                for name, marker in groups.items():
+                    if marker in command and ("flwr" in command or "flower" in command):
+                        owner[pid] = name
+            totals: dict[str, int] = {}
+            for pid, name in owner.items():
+                status = _status(pid)
+                if status is None:
+                    continue
+                totals[name] = totals.get(name, 0) + status[0]
+                self.hwm[pid] = (name, max(status[1], self.hwm.get(pid, (name, 0))[1]))
+            for name, total in totals.items():
+                self.peaks[name] = max(self.peaks.get(name, 0), total)
+
+
+def _status(pid: int) -> tuple[int, int] | None:
+    """(VmRSS, VmHWM) of a process in bytes, or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            key, amount = line.split(":", 1)
+            values[key] = int(amount.split()[0]) * 1024
+    return (values["VmRSS"], values["VmHWM"]) if len(values) == 2 else None
+
+
+def measure_flower(users: int, items: int, stage: int, rounds: int, fraction: float, threads: int,
+                   overrides: list[str], final_users: int, nodes: int, keep: Path | None) -> dict:
+    """The same run as :func:`measure`, on a SuperLink and ``nodes`` SuperNodes on loopback (separate
+    processes, each node holding its partition ``u % nodes``), from the dataset written to disk."""
+    from feddmmr.config import apply_overrides, load_preset, parse_sets, stage_preset
+    from feddmmr.data.dataset import load_dataset
+    from feddmmr.flower import deploy
+
+    os.environ.update(deploy.OFFLINE_ENV)
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="feddmmr-scale-flower-"))
+    tick = time.time()
+    table_path = write_table(synthetic_dataset(users, items), work / "data" / "interactions.parquet")
+    data = load_dataset(table_path, "table", None)  # as the nodes read it (ids remapped to 1..n)
+    run_config = {"stage": stage, "data": str(table_path), "layout": "table", "num_rounds": rounds,
+                  "client_fraction": fraction, "top_users": "all", "final_users": final_users,
+                  "out": str(work / "run"), "cache": str(work / "node_cache"), "node_wait": 1800.0,
+                  "round_timeout": 7200.0, **parse_sets(overrides)}
+    if stage == 3:
+        run_config["features"] = str(synthetic_features(work / "features", data.num_items))
+        run_config["init"] = str(stage1_init(work / "stage1", data, Path(run_config["features"])))
+    config = apply_overrides(load_preset(stage_preset(stage)), {k: v for k, v in run_config.items()
+                                                                 if k not in ("stage", "data", "layout", "out",
+                                                                              "cache", "node_wait", "round_timeout",
+                                                                              "features", "init")}, "bench/scale.py")
+    setup_seconds = time.time() - tick
+    print(f"{users} users x {items} items: data on disk ({data.num_users} users, {data.num_items} item indices, "
+          f"{setup_seconds:.0f}s); starting a SuperLink and {nodes} SuperNodes", file=sys.stderr, flush=True)
+    with deploy.Deployment(nodes, work / "flwr_home", threads=threads) as deployment, \
+            RssSampler(deployment.processes) as sampler:
+        result = deployment.run(run_config, timeout=6 * 3600, echo=False)
+    if not result.ok:
+        raise SystemExit(f"the Flower run failed:\n{result.output[-4000:]}")
+    history = result.history
+    waves = history["flower"]["waves"]
+    clientapp = [0.0] * nodes  # each node's largest ClientApp process (its own ru_maxrss, reported per reply)
+    for wave in waves:
+        if len(wave.get("peak_rss_mb", [])) == nodes:
+            clientapp = [max(a, b) for a, b in zip(clientapp, wave["peak_rss_mb"])]
+    gb = 2**30
+    return {"users": users, "items": items, "stage": stage, "rounds": rounds, "nodes": nodes,
+            **row(history, config, data),
+            "discovery_seconds": round(next(w["seconds"] for w in waves if w["message"] == "query"), 1),
+            "node_peak_rss_gb": [round(sampler.peaks.get(f"supernode-{i}", 0) / gb, 2) for i in range(nodes)],
+            "clientapp_peak_rss_gb": [round(mb / 1024, 2) for mb in clientapp],
+            "server_peak_rss_gb": round(sampler.peaks.get("superlink", 0) / gb, 2),
+            "total_seconds": round(result.seconds, 1), "setup_seconds": round(setup_seconds, 1),
+            "client_data": history["flower"]["client_data"], "work": str(work) if keep else None}
 
 
 def _transmitted_shapes(config, num_items: int) -> list[tuple[int, ...]]:
@@ -141,9 +275,12 @@ def _transmitted_shapes(config, num_items: int) -> list[tuple[int, ...]]:
     return [tuple(v.shape) for v in model.group_state(config.transmitted_groups).values()]
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(KEYS) + " |", "|" + "---|" * len(KEYS)]
-    lines += ["| " + " | ".join(str(row.get(k, "-")) for k in KEYS) + " |" for row in rows]
+def table(rows: list[dict], keys=KEYS) -> str:
+    def cell(value) -> str:
+        return ", ".join(str(v) for v in value) if isinstance(value, list) else str(value)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(row.get(k, "-")) for k in keys) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -159,12 +296,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--final-users", type=int, default=0,
                         help="score the final pass on this many users (0: all; the per-user cost is reported)")
     parser.add_argument("--json", action="store_true", help="one JSON object per run instead of the table")
+    parser.add_argument("--flower", type=int, default=0, metavar="NODES",
+                        help="run on a loopback SuperLink with NODES SuperNodes (separate processes) instead of "
+                             "in-process; reports each node's peak RSS")
+    parser.add_argument("--keep", type=Path, default=None, help="--flower: keep the data, run and logs here")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     context = multiprocessing.get_context("spawn")
     rows = []
     for users in args.users:
         for items in args.items:
+            if args.flower:
+                torch_threads(args.threads)
+                row = measure_flower(users, items, args.stage, args.rounds, args.fraction, args.threads, args.set,
+                                     args.final_users, args.flower, args.keep)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stdout if args.json else sys.stderr, flush=True)
+                continue
             queue = context.Queue()
             child = context.Process(target=measure, args=(users, items, args.stage, args.rounds, args.fraction,
                                                            args.threads, args.set, args.final_users, queue))
@@ -176,8 +324,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row) if args.json else f"{users} users x {items} items: {row}", file=sys.stderr
                   if not args.json else sys.stdout, flush=True)
     if not args.json:
-        print(table(rows))
+        print(table(rows, FLOWER_KEYS if args.flower else KEYS))
     return 0
+
+
+def torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -88,10 +88,10 @@ class _Timings:
 
 
 def _instrument(timings: _Timings) -> None:
-    """Wrap LocalTrainer._grad and train_many (this process only) to time them."""
+    """Wrap LocalTrainer._grad and train_stream (this process only) to time them."""
     from feddmmr.federation.client import LocalTrainer
 
-    grad, train_many = LocalTrainer._grad, LocalTrainer.train_many
+    grad, train_stream = LocalTrainer._grad, LocalTrainer.train_stream
 
     def timed_grad(self, *args):
         start = time.perf_counter()
@@ -100,20 +100,19 @@ def _instrument(timings: _Timings) -> None:
         timings.grad_calls += 1
         return out
 
-    def timed_train_many(self, clients, global_state, seeds, global_prototypes=None, **options):
+    def timed_train_stream(self, clients, global_state, seeds, global_prototypes=None, *args, **options):
         grad0, calls0, start, cpu = timings.grad, timings.grad_calls, time.perf_counter(), time.process_time()
-        updates = train_many(self, clients, global_state, seeds, global_prototypes, **options)
+        # what the centralized pass of this round starts from
+        snapshot = (list(clients), {k: v.detach().clone() for k, v in global_state.items()},
+                    None if global_prototypes is None else global_prototypes.clone())
+        yield from train_stream(self, clients, global_state, seeds, global_prototypes, *args, **options)
         timings.trainer = self
         timings.rounds.append({
             "local_seconds": time.perf_counter() - start, "local_cpu_seconds": time.process_time() - cpu,
             "grad_seconds": timings.grad - grad0,
-            "grad_calls": timings.grad_calls - calls0, "clients": len(clients),
-            # what the centralized pass of this round starts from
-            "snapshot": (list(clients), {k: v.detach().clone() for k, v in global_state.items()},
-                         None if global_prototypes is None else global_prototypes.clone())})
-        return updates
+            "grad_calls": timings.grad_calls - calls0, "clients": len(clients), "snapshot": snapshot})
 
-    LocalTrainer._grad, LocalTrainer.train_many = timed_grad, timed_train_many
+    LocalTrainer._grad, LocalTrainer.train_stream = timed_grad, timed_train_stream
 
 
 def centralized_pass(trainer, config, clients, global_state, prototypes, seed: int) -> float:

@@ -53,6 +53,7 @@ class TrainConfig:
     eval_protocol: str = "sampled"  # validation protocol used to pick the best round
     eval_negatives: int = 100  # negatives per user in the sampled protocol (1 + 100)
     eval_users: int = 0  # > 0: validate each round on this many users (a fixed seeded sample); the final scores use all
+    final_users: int = 0  # > 0: the final scores on this many users (a fixed seeded sample; costs at scale), 0 = all
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | auto (cuda when available): where the model trains and scores (devices.py)
     # reliability
@@ -160,7 +161,7 @@ RANGES: dict[str, Range] = {
     "num_negatives": POSITIVE, "gbce_t": FRACTION, "weight_decay": NON_NEGATIVE, "fedprox_mu": NON_NEGATIVE,
     "server_learning_rate": STRICTLY_POSITIVE, "server_momentum": Range(0, 1, open_high=True),
     "server_lr_final_ratio": FRACTION,
-    "eval_every": POSITIVE, "eval_negatives": POSITIVE, "eval_users": NON_NEGATIVE, "seed": Range(0, 2**32 - 1), "top_users": POSITIVE,
+    "eval_every": POSITIVE, "eval_negatives": POSITIVE, "eval_users": NON_NEGATIVE, "final_users": NON_NEGATIVE, "seed": Range(0, 2**32 - 1), "top_users": POSITIVE,
     "sasrec_hidden_dim": POSITIVE, "sasrec_num_blocks": POSITIVE, "sasrec_num_heads": POSITIVE,
     "max_seq_len": POSITIVE, "moe_num_heads": POSITIVE, "dropout": Range(0, 1, open_high=True),
     "gating_init": NON_NEGATIVE, "contrastive_lambda": NON_NEGATIVE, "load_balance_lambda": NON_NEGATIVE,
@@ -333,10 +334,6 @@ def _check_flower(config: TrainConfig, source: str, secure_aggregation: bool) ->
         problems.append(f"attack={config.attack!r} (in-process fault injection)")
     if config.client_dropout > 0:
         problems.append("client_dropout > 0 (in-process fault injection; on Flower, stop a SuperNode instead)")
-    if config.eval_users > 0:
-        problems.append("eval_users > 0 (validation on a sample of users; in-process only for now)")
-    if not config.resident_clients:
-        problems.append("resident_clients=false (each node keeps its own partition's clients)")
     if config.dp_enabled:
         problems.append("differential privacy (dp_noise_multiplier / dp_target_epsilon; in-process only: "
                         "`feddmmr train --set dp_...`)")

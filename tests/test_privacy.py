@@ -185,10 +185,10 @@ def test_the_flower_reply_holds_the_same_and_only_the_users_the_server_sent(worl
         sums = msgs.record_to_arrays(content[msgs.SUMS])
         assert set(sums) == set(global_state)
         assert all(sums[k].shape == tuple(global_state[k].shape) and sums[k].dtype == np.float64 for k in sums)
-        # scalars: totals, counts, summed losses, timings
+        # scalars: totals, counts, summed losses, timings, the node process's peak RSS
         stats = content[msgs.STATS]
         assert isinstance(stats, MetricRecord)
-        fixed = {"total", "samples", "clients", "client-data", "seconds", "startup-seconds"}
+        fixed = {"total", "samples", "clients", "client-data", "seconds", "startup-seconds", "peak-rss-mb"}
         assert set(stats) - fixed <= {msgs.LOSS_PREFIX + name for name in LOSS_NAMES}
         assert all(isinstance(v, (int, float)) for v in stats.values())
         assert stats["clients"] == len(sent)

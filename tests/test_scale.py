@@ -1,7 +1,10 @@
 """Costs that grow with the work: clients built when sampled, validation on a sample of users.
 
 Both are exact where they claim to be: a run whose clients are built on demand is the run whose
-clients are all held, bit for bit; a sampled validation scores exactly the sampled users.
+clients are all held, bit for bit; a sampled validation scores exactly the sampled users; an
+evaluation memory built alone is the one a whole client carries. On Flower (the real ServerApp
+loop and ClientApp through :class:`tests.flowertools.LocalGrid`) both settings give the
+in-process model, and a node keeps only its own partition's evaluation memories.
 """
 
 from __future__ import annotations
@@ -10,11 +13,22 @@ import json
 
 import numpy as np
 
+import pytest
+import torch
+
+from feddmmr import evaluation
+from feddmmr.engine.assemble import LocalClients, assemble
 from feddmmr.engine.loop import validation_sample
 from feddmmr.federation import checkpoint as ckpt
+from feddmmr.federation.client import build_eval_memory
+from feddmmr.flower import client_app, core, deploy
+from feddmmr.flower import messages as msgs
+from feddmmr.flower.server_app import run_server
 from feddmmr.runner import run_federated
 
 from .fedtools import tiny_config, tiny_dataset, tiny_features
+from .flowertools import LocalGrid
+from .test_flower import as_run_config
 
 
 def _model_bytes(run_dir) -> bytes:
@@ -77,3 +91,105 @@ def test_full_ranking_in_item_blocks_gives_the_ranks_of_one_pass(tmp_path):
                 assemble_module.ITEM_BLOCK = original
             blocked = evaluate(scorer, data, split, "full", max_len=8, item_block=7)
             assert blocked == whole, (stage, split)
+
+
+def test_an_evaluation_memory_built_alone_is_the_one_a_built_client_carries(tmp_path):
+    data, features = tiny_dataset(tmp_path), tiny_features(tmp_path)
+    run_federated(tiny_config(1), data, tmp_path / "s1", progress=False)
+    assembly = assemble(tiny_config(3), data, features, tmp_path / "s1")
+    clients = assembly.build_clients()
+    for user, client in clients.items():
+        alone = build_eval_memory(data, user, assembly.memory_config, assembly.space)
+        assert all(np.array_equal(alone[split], client.eval_memory[split]) for split in ("val", "test")), user
+    # clients built on demand build a user's evaluation memory when that user is first scored (or trained)
+    local = LocalClients.on_demand(assembly, None)
+    assert local.eval_memory_arrays()["users"].tolist() == []
+    val = local.memory_ids("val", np.array([3, 5]))
+    assert local.eval_memory_arrays()["users"].tolist() == [3, 5]
+    assert np.array_equal(val[5], clients[5].eval_memory["val"]) and not val[4].any()
+    local.take([4])
+    assert local.eval_memory_arrays()["users"].tolist() == [3, 4, 5]
+    restored = LocalClients.on_demand(assembly, None)
+    restored.load_eval_memory_arrays(local.eval_memory_arrays([4, 5]))
+    assert restored.eval_memory_arrays()["users"].tolist() == [4, 5]
+    assert np.array_equal(restored.memory_ids("test", np.array([4]))[4], clients[4].eval_memory["test"])
+
+
+# --------------------------------------------------------------------------- on Flower
+
+@pytest.fixture()
+def offline_flower(tmp_path, monkeypatch):
+    for key, value in deploy.OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr_home"))
+
+
+def _weights(path):
+    return ckpt.load_weights(path / ckpt.MODEL_FILE)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_flower_with_clients_built_on_demand_and_a_validation_sample_gives_the_in_process_model(
+        tmp_path, offline_flower, monkeypatch, stage):
+    data, features = tiny_dataset(tmp_path), tiny_features(tmp_path)
+    run_federated(tiny_config(1), data, tmp_path / "s1", progress=False)
+    keys = {"dropout": 0.0, "resident_clients": False, "eval_users": 5}
+    config = tiny_config(stage, **keys)
+    init = tmp_path / "s1" if stage == 3 else None
+    inproc = run_federated(config, data, tmp_path / "inproc", features if stage == 3 else None, init, progress=False)
+    run_config = {**core.default_app_config(), **as_run_config(config), "data": str(tmp_path / "data"),
+                  "out": str(tmp_path / "flower"), "node_wait": 5.0, "cache": str(tmp_path / "node_cache"),
+                  **({"features": str(features), "init": str(init)} if stage == 3 else {})}
+    grid = LocalGrid(run_config, 3)
+    monkeypatch.setattr(evaluation, "_CANDIDATE_CACHE", {})  # what a node process starts with
+    history = run_server(grid, run_config)
+    a, b = _weights(tmp_path / "inproc"), _weights(tmp_path / "flower")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert history["best_round"] == inproc["best_round"]
+    for x, y in zip(inproc["val_metrics"] + [inproc["final"][k] for k in sorted(inproc["final"])],
+                    history["val_metrics"] + [history["final"][k] for k in sorted(history["final"])]):
+        assert x["users"] == y["users"] and all(abs(x[m] - y[m]) < 1e-9 for m in ("NDCG@10", "HR@10", "MRR"))
+    assert [r["val_metrics"]["users"] for r in history["rounds"]] == [5, 5]
+    assert all(result["users"] == data.num_users for result in history["final"].values())
+    # a validation wave goes only to the nodes holding sampled users (each scores its share); the final one to all
+    shares = core.group_by_partition(validation_sample(config, data.num_users), 3)
+    assert sum(kind == "evaluate" for _, kind in grid.delivered) == 2 * len(shares) + 3
+    # a node keeps its sampled candidates in its partition's cache folder (a later process reads them)
+    cached = list((tmp_path / "node_cache").glob("*/candidates_*.npy"))
+    assert {p.name.split("_")[2] for p in cached} == {"val", "test"}
+    assert all(p.parent.name.startswith("partition-") for p in cached)
+    # nothing is built ahead; each node keeps (in context.state) only its own users' evaluation memories
+    assert history["flower"]["client_data"]["on-demand"] > 0
+    assert history["flower"]["client_data"]["built"] == history["flower"]["client_data"]["restored"] == 0
+    for partition in range(3):
+        state = grid.contexts[grid.node(partition)].state
+        if stage == 1:
+            assert client_app.MEMORY not in state
+            continue
+        saved = msgs.record_to_arrays(state[client_app.MEMORY])
+        assert saved["users"].tolist() == core.partition_users(data.num_users, partition, 3).tolist()
+
+
+def test_a_new_on_demand_node_process_restores_the_evaluation_memories_from_context_state(tmp_path, offline_flower):
+    data, features = tiny_dataset(tmp_path), tiny_features(tmp_path)
+    config = tiny_config(3, resident_clients=False, trainable_groups=["item_embedding", "backbone", "projectors",
+                                                                     "experts", "router", "gate"])
+    first = core.NodeRuntime(config, data, features, None)
+    users = core.partition_users(data.num_users, 1, 3)
+    assert first.ensure_clients(users) == ("on-demand", None)
+    glob = first.assembly.model.group_state(config.transmitted_groups)
+    first.evaluate_users(users[:2], glob, None, [("val", "sampled", 64)])
+    saved = first.saved_eval_memory(users)
+    assert saved["users"].tolist() == users[:2].tolist()
+    fresh = core.NodeRuntime(config, data, features, None)
+    assert fresh.ensure_clients(users, saved, first.memory_signature()) == ("on-demand", None)
+    assert fresh.ensure_eval_memory(users[:2]) == 0  # restored, not rebuilt
+    assert fresh.ensure_eval_memory(users) == len(users) - 2
+    stale = core.NodeRuntime(config, data, features, None)
+    stale.ensure_clients(users, saved, "stale")
+    assert stale.ensure_eval_memory(users[:2]) == 2
+    # trained on demand: the same update as from held clients
+    held = core.NodeRuntime(tiny_config(3, trainable_groups=config.trainable_groups), data, features, None)
+    held.ensure_clients(users)
+    one, two = fresh.train(users[:3], glob, 1, None), held.train(users[:3], glob, 1, None)
+    assert one.total == two.total and all(torch.equal(one.sums[k], two.sums[k]) for k in one.sums)

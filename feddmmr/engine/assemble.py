@@ -7,6 +7,7 @@ train the same model from the same state; nothing here knows how updates travel.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from ..devices import resolve_device
 from ..evaluation import ITEM_BLOCK, ScoreFn, evaluate
 from ..features.store import load_features
 from ..federation import checkpoint as ckpt
-from ..federation.client import ClientData, ItemContent, LocalTrainer, build_clients, pack_clients
+from ..federation.client import (ClientData, ItemContent, LocalTrainer, build_clients, build_eval_memory,
+                                 pack_clients)
 from ..federation.memory import ItemSpace, MemoryConfig
 from ..federation.server import ServerOptimizer
 from ..models import PARAM_GROUPS, CheckpointError, UR4RecV2MoE
@@ -203,7 +205,11 @@ def restore(run_dir: Path, data: SequenceDataset, features_dir: Path | None = No
 
 
 class LocalClients:
-    """Clients held in this process: scored with the one evaluation loop, their memories packed for disk."""
+    """Clients held in this process: scored with the one evaluation loop, their memories packed for disk.
+
+    Held (``resident``): every client built once. Built on demand (:meth:`on_demand`): a round's
+    sampled clients are built when sampled and dropped after it; a user's evaluation memory (``[K]``
+    ids per split) is built the first time that user is scored (or trained) and kept."""
 
     def __init__(self, assembly: Assembly, clients: dict[int, ClientData], cache_dir: Path | None,
                  packed: tuple[dict[str, np.ndarray], str] | None = None):
@@ -215,30 +221,75 @@ class LocalClients:
         self.packed = packed
         self.resident = True
         self._memory_ids: dict[str, np.ndarray | None] = {}
+        self._has_eval_memory: np.ndarray | None = None  # on demand, with memory: users whose rows are built
 
     @classmethod
-    def on_demand(cls, assembly: Assembly, cache_dir: Path | None, chunk: int = 1024) -> "LocalClients":
-        """Clients built when a round samples them and dropped after it: only every user's evaluation
-        memory (``[users, K]`` ids per split) stays resident, gathered in one streaming pass."""
+    def on_demand(cls, assembly: Assembly, cache_dir: Path | None) -> "LocalClients":
+        """Clients built when a round samples them and dropped after it (see the class)."""
         local = cls(assembly, {}, cache_dir)
-        local.resident = False
-        config = assembly.config
-        if config.use_memory:
-            ids = {split: np.zeros((local.num_users, config.memory_top_k), dtype=np.int64) for split in SPLITS}
-            for lo in range(0, local.num_users, chunk):
-                for user, client in assembly.build_clients(np.arange(lo, min(lo + chunk, local.num_users))).items():
-                    for split in SPLITS:
-                        ids[split][user] = client.eval_memory[split]
-            local._memory_ids.update(ids)
+        local.build_on_demand()
         return local
 
+    def build_on_demand(self) -> None:
+        """Switch to clients built when sampled, evaluation memories built when first needed."""
+        self.resident, self.clients, self.packed = False, {}, None
+        config = self.assembly.config
+        self._memory_ids = {split: None for split in SPLITS}
+        if config.use_memory:
+            self._memory_ids = {split: np.zeros((self.num_users, config.memory_top_k), dtype=np.int64)
+                                for split in SPLITS}
+            self._has_eval_memory = np.zeros(self.num_users, dtype=bool)
+
     def take(self, users: list[int]) -> dict[int, ClientData]:
-        """The clients of ``users``: held ones, or built now (and not kept) when clients are built on demand."""
+        """The clients of ``users``: held ones, or built now (and not kept) when clients are built on demand
+        (their evaluation memories, which come with them, are kept)."""
         if self.resident:
             return {u: self.clients[u] for u in users}
-        return self.assembly.build_clients(np.asarray(users, dtype=np.int64))
+        clients = self.assembly.build_clients(np.asarray(users, dtype=np.int64))
+        if self._has_eval_memory is not None:
+            for user, client in clients.items():
+                self._set_eval_memory(user, client.eval_memory)
+        return clients
 
-    def memory_ids(self, split: str) -> np.ndarray | None:
+    def _set_eval_memory(self, user: int, memory: dict[str, np.ndarray]) -> None:
+        for split in SPLITS:
+            self._memory_ids[split][user] = memory[split]
+        self._has_eval_memory[user] = True
+
+    def ensure_eval_memory(self, users: np.ndarray | None = None) -> int:
+        """On demand: build the evaluation memories of ``users`` (all when None) not built yet; how many were built."""
+        if self._has_eval_memory is None:
+            return 0
+        users = np.arange(self.num_users) if users is None else np.asarray(users, dtype=np.int64)
+        missing = np.unique(users[~self._has_eval_memory[users]])
+        for user in missing.tolist():
+            self._set_eval_memory(user, build_eval_memory(self.assembly.data, user, self.assembly.memory_config,
+                                                          self.assembly.space))
+        return int(len(missing))
+
+    def eval_memory_arrays(self, users: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """On demand: the built evaluation memories (of ``users``) as arrays ``users``, ``eval_val``, ``eval_test``."""
+        if self._has_eval_memory is None:
+            return {}
+        built = np.flatnonzero(self._has_eval_memory)
+        if users is not None:
+            built = np.intersect1d(built, np.asarray(users, dtype=np.int64))
+        return {"users": built, **{f"eval_{split}": self._memory_ids[split][built] for split in SPLITS}}
+
+    def load_eval_memory_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """On demand: take evaluation memories saved by :meth:`eval_memory_arrays`."""
+        if self._has_eval_memory is None or not arrays:
+            return
+        users = np.asarray(arrays["users"], dtype=np.int64)
+        for split in SPLITS:
+            self._memory_ids[split][users] = arrays[f"eval_{split}"]
+        self._has_eval_memory[users] = True
+
+    def memory_ids(self, split: str, users: np.ndarray | None = None) -> np.ndarray | None:
+        """``[num_users, K]`` memory ids for ``split``; the rows of ``users`` (all when None) are filled."""
+        if not self.resident:
+            self.ensure_eval_memory(users)
+            return self._memory_ids[split]
         if split not in self._memory_ids:
             config = self.assembly.config
             self._memory_ids[split] = eval_memory(self.clients, split, self.num_users, config.memory_top_k,
@@ -250,7 +301,7 @@ class LocalClients:
         """One result per ``(split, protocol, batch_size)`` request, over every user (or ``users``)."""
         config, data = self.assembly.config, self.assembly.data
         model.eval()
-        return [evaluate(memory_scorer(model, self.assembly.content, self.memory_ids(split), prototypes), data,
+        return [evaluate(memory_scorer(model, self.assembly.content, self.memory_ids(split, users), prototypes), data,
                          split, protocol, seed=config.seed, max_len=config.max_seq_len, batch_size=batch_size,
                          cache_dir=self.cache_dir, users=users, num_negatives=config.eval_negatives,
                          device=model.device)

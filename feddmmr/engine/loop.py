@@ -150,9 +150,18 @@ def run_rounds(config: TrainConfig, model: UR4RecV2MoE, transport: Transport, ru
 def validation_sample(config: TrainConfig, num_users: int) -> np.ndarray | None:
     """The users every round is validated on: all (None), or ``eval_users`` of them, one seeded draw
     for the whole run so that rounds compare on the same users."""
-    if not 0 < config.eval_users < num_users:
+    return _user_sample(config.seed, 0xE7A1, config.eval_users, num_users)
+
+
+def final_sample(config: TrainConfig, num_users: int) -> np.ndarray | None:
+    """The users the final scores cover: all (None), or ``final_users`` of them (one seeded draw)."""
+    return _user_sample(config.seed, 0xF1A1, config.final_users, num_users)
+
+
+def _user_sample(seed: int, salt: int, count: int, num_users: int) -> np.ndarray | None:
+    if not 0 < count < num_users:
         return None
-    return np.sort(np.random.default_rng([config.seed, 0xE7A1]).choice(num_users, config.eval_users, replace=False))
+    return np.sort(np.random.default_rng([seed, salt]).choice(num_users, count, replace=False))
 
 
 @dataclass
@@ -229,9 +238,11 @@ def finish(config: TrainConfig, model: UR4RecV2MoE, transport: Transport, run_di
     """Score the best round once on both splits under both protocols; close the run directory.
     The results go to stdout."""
     prototypes = run_dir.load_best(model)
-    results = transport.evaluate(model, prototypes, list(FINAL_REQUESTS), "final")
+    tick = time.time()
+    results = transport.evaluate(model, prototypes, list(FINAL_REQUESTS), "final",
+                                 users=final_sample(config, transport.num_users))
     final = {f"{split}_{protocol}": result for (split, protocol, _), result in zip(FINAL_REQUESTS, results)}
-    extra = transport.summary()
+    extra = {"final_seconds": round(time.time() - tick, 3), **transport.summary()}
     if dp:
         extra["privacy"] = dp.spent(config.num_rounds)
         print(dp.describe(config.num_rounds), flush=True)

@@ -56,11 +56,7 @@ def build_client(data: SequenceDataset, user: int, max_len: int, memory_config: 
         nothing = np.zeros(0, dtype=np.int64)
         return ClientData(user, inputs, targets, np.zeros((len(inputs), 0), dtype=np.int64),
                           {"val": nothing, "test": nothing})
-    # every item's novelty against the window before it, computed once: the memory reads the
-    # history in order, so its window before an item is the history's (st_window items)
-    read = sequence[:len(train) + 1]
-    novel = novelty(space, read, 0, memory_config.st_window)
-    memory = LocalMemory(memory_config, space, client_threshold(space, train, memory_config, novel[:len(train)]))
+    read, novel, memory = _history_memory(sequence, memory_config, space)
     snapshots = np.zeros((len(starts), memory_config.top_k), dtype=np.int64)
     seen = 0
     for row in np.argsort(starts, kind="stable"):
@@ -73,6 +69,32 @@ def build_client(data: SequenceDataset, user: int, max_len: int, memory_config: 
     memory.observe(read[len(train):], novel[len(train):])
     eval_memory["test"] = memory.retrieve()
     return ClientData(user, inputs, targets, snapshots, eval_memory, prototypes, memory)
+
+
+def _history_memory(sequence: np.ndarray, memory_config: MemoryConfig,
+                    space: ItemSpace) -> tuple[np.ndarray, np.ndarray, LocalMemory]:
+    """What the memory reads (training items and the validation item), their novelty, an empty memory."""
+    train = sequence[:-2]
+    # every item's novelty against the window before it, computed once: the memory reads the
+    # history in order, so its window before an item is the history's (st_window items)
+    read = sequence[:len(train) + 1]
+    novel = novelty(space, read, 0, memory_config.st_window)
+    memory = LocalMemory(memory_config, space, client_threshold(space, train, memory_config, novel[:len(train)]))
+    return read, novel, memory
+
+
+def build_eval_memory(data: SequenceDataset, user: int, memory_config: MemoryConfig,
+                      space: ItemSpace) -> dict[str, np.ndarray]:
+    """``build_client(...).eval_memory`` without the rest: the memory after the training items (``val``)
+    and after the validation item too (``test``); no training snapshots, no prototypes. (Reading a
+    stretch in one ``observe`` writes what reading it window by window writes.)"""
+    read, novel, memory = _history_memory(data.sequence(user), memory_config, space)
+    train = len(read) - 1
+    memory.observe(read[:train], novel[:train])
+    eval_memory = {"val": memory.retrieve()}
+    memory.observe(read[train:], novel[train:])
+    eval_memory["test"] = memory.retrieve()
+    return eval_memory
 
 
 def build_clients(data: SequenceDataset, max_len: int, memory_config: MemoryConfig | None,

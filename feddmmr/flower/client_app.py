@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 
 import numpy as np
@@ -78,13 +79,32 @@ def _node(context: Context) -> tuple[NodeRuntime, np.ndarray, str]:
         signature = str(context.state[MEMORY_INFO]["signature"])
     how, to_save = runtime.ensure_clients(users, saved, signature)
     if to_save is not None:
-        context.state[MEMORY] = msgs.arrays_to_record(to_save)
-        context.state[MEMORY_INFO] = ConfigRecord({"signature": runtime.memory_signature(),
-                                                   "users": int(len(to_save.get("users", [])))})
+        _save(context, runtime, to_save)
     return runtime, users, how
 
 
-_SOURCE = {"cached": 0, "restored": 1, "built": 2}
+def _save(context: Context, runtime: NodeRuntime, arrays: dict) -> None:
+    context.state[MEMORY] = msgs.arrays_to_record(arrays)
+    context.state[MEMORY_INFO] = ConfigRecord({"signature": runtime.memory_signature(),
+                                               "users": int(len(arrays.get("users", [])))})
+
+
+def _keep_eval_memory(context: Context, runtime: NodeRuntime, users: np.ndarray) -> None:
+    """Clients built on demand: save the evaluation memories built so far when there are new ones."""
+    arrays = runtime.saved_eval_memory(users)
+    saved = int(context.state[MEMORY_INFO]["users"]) if MEMORY_INFO in context.state else 0
+    if arrays is not None and len(arrays["users"]) > saved:
+        _save(context, runtime, arrays)
+
+
+def _stats(how: str, tick: float, startup: float) -> dict:
+    """A reply's statistics: how the client data was had, handler and start-up seconds, the process's peak RSS."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"client-data": _SOURCE[how], "seconds": time.time() - tick, "startup-seconds": startup,
+            "peak-rss-mb": float(peak)}
+
+
+_SOURCE = {"cached": 0, "restored": 1, "built": 2, "on-demand": 3}
 
 
 @app.query()
@@ -98,7 +118,7 @@ def query(msg: Message, context: Context) -> Message:
         "num-users": int(data.num_users), "num-items": int(data.num_items), "fingerprint": data.fingerprint(),
         "stats": json.dumps(data.stats()), "users": int(len(users)), "client-data": how,
         "memory-build-seconds": float(runtime.build_seconds), "seconds": time.time() - tick,
-        "startup-seconds": startup,
+        "startup-seconds": startup, "peak-rss-mb": _stats(how, tick, startup)["peak-rss-mb"],
     })
     return Message(RecordDict({msgs.CONFIG: reply}), reply_to=msg)
 
@@ -114,7 +134,8 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"users {foreign[:5]} are not in partition {context.node_config['partition-id']}")
     global_state = msgs.record_to_state(msg.content[msgs.GLOBAL])
     update = runtime.train(sampled, global_state, int(config["round"]), msgs.record_to_prototypes(msg.content))
-    stats = {"client-data": _SOURCE[how], "seconds": time.time() - tick, "startup-seconds": startup}
+    _keep_eval_memory(context, runtime, users)
+    stats = _stats(how, tick, startup)
     if secure.SCALE_KEY in config:  # SecAgg+: one vector, masked by the mod; only stats and prototypes in the clear
         layout = secure.Layout.of(global_state, runtime.config.item_embedding_aggregation)
         vector = layout.pack(update, float(config[secure.SCALE_KEY]), float(config[secure.CLIPPING_KEY]))
@@ -126,9 +147,17 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     startup, tick = _startup_seconds(), time.time()
     runtime, users, how = _node(context)
+    wanted = msgs.content_to_users(msg.content)  # a validation sample's users of this partition, or all
+    if wanted is not None:
+        foreign = sorted(set(wanted.tolist()) - set(users.tolist()))
+        if foreign:
+            raise ValueError(f"users {foreign[:5]} are not in partition {context.node_config['partition-id']}")
+        users = wanted
     results = runtime.evaluate_users(users, msgs.record_to_state(msg.content[msgs.GLOBAL]),
-                               msgs.record_to_prototypes(msg.content), msgs.content_to_requests(msg.content))
+                                     msgs.record_to_prototypes(msg.content), msgs.content_to_requests(msg.content))
+    _keep_eval_memory(context, runtime, partition_users(runtime.data.num_users,
+                                                        int(context.node_config["partition-id"]),
+                                                        int(context.node_config["num-partitions"])))
     content = msgs.results_to_content(results)
-    content[msgs.STATS] = MetricRecord({"client-data": _SOURCE[how], "seconds": time.time() - tick,
-                                        "startup-seconds": startup})
+    content[msgs.STATS] = MetricRecord(_stats(how, tick, startup))
     return Message(content, reply_to=msg)

@@ -51,6 +51,7 @@ APP_KEYS = {
     "features": "",  # item feature folder (Stage 2/3; public item content)
     "init": "",  # run directory of the previous stage (same as `feddmmr train --init DIR`)
     "out": "runs/flower",  # the run directory the ServerApp writes
+    "cache": "",  # a node's folder for its evaluation candidates (per partition; "" = recomputed by every process)
     "resume": False,  # continue an interrupted run in `out`
     "node_wait": 120.0,  # seconds the ServerApp waits for every partition's node to connect
     "round_timeout": 600.0,  # seconds a wave (train, evaluate, a SecAgg+ stage) waits; nodes late by then are dropped
@@ -58,7 +59,7 @@ APP_KEYS = {
     "secagg_clipping_range": 8.0,  # SecAgg+: the scaled update entries must lie in [-range, range]
     "poll_interval": 0.05,  # seconds between pulls of replies
 }
-PATH_KEYS = ("data", "features", "init")  # a node's --node-config may override these
+PATH_KEYS = ("data", "features", "init", "cache")  # a node's --node-config may override these
 
 
 def default_app_config() -> dict:
@@ -140,20 +141,26 @@ class NodeUpdate:
 class NodeRuntime(LocalClients):
     """What a node process builds once per run: the data, the models, one trainer and its clients."""
 
-    def __init__(self, config: TrainConfig, data: SequenceDataset, features: Path | None, init: Path | None):
+    def __init__(self, config: TrainConfig, data: SequenceDataset, features: Path | None, init: Path | None,
+                 cache_dir: Path | None = None):
         # the run's `device` on this node's hardware: with `auto`, a node with a GPU trains and scores on it
         device = resolve_device(config.device, "run config: config key 'device' on this node")
-        super().__init__(assemble(config, data, features, init, device), {}, None)
+        super().__init__(assemble(config, data, features, init, device), {}, cache_dir)
         self.config, self.data = config, data
         self.trainer = self.assembly.trainer()
         self.build_seconds = 0.0
+        if not config.resident_clients:
+            self.build_on_demand()
 
     @classmethod
     def create(cls, run_config: Mapping, node_config: Mapping | None = None) -> "NodeRuntime":
         config = train_config({**run_config, "init": str(path_setting("init", run_config, node_config) or "")})
         data = load_node_data(config, run_config, node_config)
+        cache = path_setting("cache", run_config, node_config)
+        if cache is not None:  # one folder per partition: nodes sharing a disk never write the same file
+            cache = cache / f"partition-{int((node_config or {}).get('partition-id', 0))}"
         return cls(config, data, path_setting("features", run_config, node_config),
-                   path_setting("init", run_config, node_config))
+                   path_setting("init", run_config, node_config), cache)
 
     def memory_signature(self) -> str:
         """What saved memories must match to be reused: the data and the memory settings."""
@@ -167,6 +174,10 @@ class NodeRuntime(LocalClients):
                        saved_signature: str | None = None) -> tuple[str, dict[str, np.ndarray] | None]:
         """Make ``users``' client data available: ``cached`` in this process, ``restored`` from
         ``saved`` arrays, or ``built`` from the data. Returns how, and the arrays to save (or None)."""
+        if not self.resident:  # nothing is built ahead: clients when sampled, evaluation memories when scored
+            if saved and saved_signature == self.memory_signature():
+                self.load_eval_memory_arrays(saved)
+            return "on-demand", None
         missing = [int(u) for u in users if int(u) not in self.clients]
         if not missing:
             return "cached", None
@@ -185,15 +196,18 @@ class NodeRuntime(LocalClients):
 
     def train(self, users, global_state: dict[str, torch.Tensor], round_number: int,
               prototypes: torch.Tensor | None) -> NodeUpdate:
-        """The same local step as the in-process loop, for this node's sampled users: pre-aggregated,
-        or each client's update when :func:`sends_each_update` (then ``sums`` is empty)."""
+        """The same local step as the in-process loop, for this node's sampled users: pre-aggregated as
+        each vmapped group finishes, or each client's update when :func:`sends_each_update` (then ``sums``
+        is empty)."""
         cfg = self.config
         users = sorted(int(u) for u in users)
         aggregator = Aggregator(global_state, cfg.item_embedding_aggregation)
         seeds = [client_seed(cfg.seed, round_number, u) for u in users]
-        updates = self.trainer.train_many([self.clients[u] for u in users], global_state, seeds, prototypes)
+        clients = self.take(users)
+        stream = self.trainer.train_stream([clients[u] for u in users], global_state, seeds, prototypes)
         received, losses, each, send_each = [], {}, [], sends_each_update(cfg)
-        for user, update in zip(users, updates):
+        for index, update in stream:  # added as each vmapped group finishes: one group's updates held at a time
+            user = users[index]
             if send_each:
                 each.append((user, update.state, int(update.num_samples)))
             else:
@@ -203,8 +217,17 @@ class NodeRuntime(LocalClients):
             for key, value in update.metrics.items():
                 losses[key] = losses.get(key, 0.0) + value
         sums, row_weight, total = aggregator.partial()
+        each.sort(key=lambda item: item[0])
+        received.sort(key=lambda item: item[0])
         return NodeUpdate(sums, row_weight, total, received, losses,
-                          int(sum(self.clients[u].num_samples for u in users)), len(users), each)
+                          int(sum(clients[u].num_samples for u in users)), len(users), each)
+
+    def saved_eval_memory(self, users) -> dict[str, np.ndarray] | None:
+        """On demand and with memory: the evaluation memories built so far for ``users`` (what the node's
+        ``context.state`` keeps, so a later ClientApp process need not rebuild them); None otherwise."""
+        if self.resident or not self.config.use_memory:
+            return None
+        return self.eval_memory_arrays(users)
 
     def evaluate_users(self, users, global_state: Mapping[str, torch.Tensor], prototypes: torch.Tensor | None,
                        requests: list[tuple[str, str, int]]) -> list[dict]:

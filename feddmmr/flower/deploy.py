@@ -51,7 +51,7 @@ OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
 }
-PATH_KEYS = ("data", "features", "init", "out")
+PATH_KEYS = ("data", "features", "init", "out", "cache")
 
 
 def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -129,13 +129,24 @@ def content_to_update(content: RecordDict) -> NodeUpdate:
 # --------------------------------------------------------------------------- evaluate
 
 def evaluate_content(global_state: Mapping[str, torch.Tensor], prototypes: torch.Tensor | None,
-                     requests: list[tuple[str, str, int]]) -> RecordDict:
-    content = RecordDict({GLOBAL: state_to_record(global_state), CONFIG: ConfigRecord({
-        "splits": [r[0] for r in requests], "protocols": [r[1] for r in requests],
-        "batch-sizes": [int(r[2]) for r in requests]})})
+                     requests: list[tuple[str, str, int]], users: list[int] | None = None) -> RecordDict:
+    """A node's evaluate message: score its users (or ``users``, e.g. its share of a validation sample)."""
+    config = {"splits": [r[0] for r in requests], "protocols": [r[1] for r in requests],
+              "batch-sizes": [int(r[2]) for r in requests]}
+    if users is not None:
+        config["users"] = [int(u) for u in users]
+    content = RecordDict({GLOBAL: state_to_record(global_state), CONFIG: ConfigRecord(config)})
     if prototypes is not None:
         content[PROTOTYPES] = prototypes_to_record(prototypes)
     return content
+
+
+def content_to_users(content: RecordDict) -> np.ndarray | None:
+    """The users an evaluate message names (ascending), or None: all of the node's users."""
+    config = content[CONFIG]
+    if "users" not in config:
+        return None
+    return np.asarray(sorted(int(u) for u in config["users"]), dtype=np.int64)
 
 
 def content_to_requests(content: RecordDict) -> list[tuple[str, str, int]]:

@@ -185,23 +185,26 @@ class FlowerTransport:
         self.nodes, self.config, self.catalogue = nodes, config, catalogue
         self.num_users, self.partitions = catalogue.num_users, len(nodes.nodes)
         self.secure_on, self.clipping = secure_on, clipping
-        self.client_data = {"built": 0, "restored": 0, "cached": 0}
+        self.client_data = {"built": 0, "restored": 0, "cached": 0, "on-demand": 0}
         for info in infos:
             self.client_data[str(info["client-data"])] += 1
         self.waves: list[dict] = [{
             "round": 0, "message": "query", "nodes": self.partitions, "seconds": round(ready_seconds, 3),
             "node_seconds": round(max(float(info["seconds"]) for info in infos), 3),
-            "startup_seconds": round(max(float(info["startup-seconds"]) for info in infos), 3)}]
+            "startup_seconds": round(max(float(info["startup-seconds"]) for info in infos), 3),
+            "peak_rss_mb": [round(float(info.get("peak-rss-mb", 0.0)), 1) for info in infos]}]
 
     def note(self, kind: str, round_number, stats: list, seconds: float, dropped: list[dict], **extra) -> None:
         """Record a wave: how many nodes answered, how long it and the slowest node took, who dropped."""
-        names = {0: "cached", 1: "restored", 2: "built"}
+        names = {0: "cached", 1: "restored", 2: "built", 3: "on-demand"}
         for stat in stats:
             self.client_data[names[int(stat["client-data"])]] += 1
+        peaks = [round(float(stat["peak-rss-mb"]), 1) for stat in stats if "peak-rss-mb" in stat]
         self.waves.append({
             "round": round_number, "message": kind, "nodes": len(stats), "seconds": round(seconds, 3),
             "node_seconds": round(max((float(stat["seconds"]) for stat in stats), default=0.0), 3),
             "startup_seconds": round(max((float(stat["startup-seconds"]) for stat in stats), default=0.0), 3),
+            **({"peak_rss_mb": peaks} if peaks else {}),  # each answering node's ClientApp process
             **({"dropped": dropped} if dropped else {}), **extra})
 
     def train(self, round_number: int, users, global_state: dict[str, torch.Tensor],
@@ -271,11 +274,15 @@ class FlowerTransport:
 
     def evaluate(self, model: UR4RecV2MoE, prototypes: torch.Tensor | None, requests, tag,
                  users=None) -> list[dict]:
-        """Every reachable node scores its users; the results of the nodes that answered, combined.
-        (``users``: a validation sample, refused on Flower by ``validate_config`` for now.)"""
+        """Every reachable node scores its users (or its share of ``users``, a validation sample: only
+        the nodes that have some); the results of the nodes that answered, combined."""
         tick = time.time()
         state = model.group_state(self.config.transmitted_groups)
-        contents = {p: msgs.evaluate_content(state, prototypes, requests) for p in self.nodes.nodes}
+        if users is None:
+            contents = {p: msgs.evaluate_content(state, prototypes, requests) for p in self.nodes.nodes}
+        else:
+            contents = {p: msgs.evaluate_content(state, prototypes, requests, share)
+                        for p, share in group_by_partition(users, self.partitions).items()}
         replies, dropped = self.nodes.wave(MessageType.EVALUATE, contents, tag)
         if not replies:
             raise NodeError(f"evaluate {tag}: no node answered; dropped: {dropped}")
