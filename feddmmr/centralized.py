@@ -35,7 +35,7 @@ def run_centralized(config: TrainConfig, data: SequenceDataset, out_dir: Path, e
     inputs = np.concatenate([c.inputs for c in clients.values()])
     targets = np.concatenate([c.targets for c in clients.values()])
     memory = np.concatenate([c.memory for c in clients.values()])
-    pool = torch.from_numpy(data.occurring_items())
+    pool = torch.from_numpy(assembly.data.warm_items())
     model.set_trainable(config.transmitted_groups)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
                                  weight_decay=config.weight_decay)

@@ -57,6 +57,8 @@ class TrainConfig:
     resident_clients: bool = True  # False: build a round's clients when sampled, keep only the users' eval memory
     # data
     top_users: int | None = 1000
+    cold_item_fraction: float = 0.0  # > 0: the new-item protocol (SequenceDataset.with_cold_items), [0, 1)
+    cold_item_seed: int = 0  # which items are new; the same for every training seed unless changed
     # model (seed names)
     sasrec_hidden_dim: int = 128
     sasrec_num_blocks: int = 2
@@ -155,6 +157,7 @@ RANGES: dict[str, Range] = {
     "num_negatives": POSITIVE, "gbce_t": FRACTION, "weight_decay": NON_NEGATIVE, "fedprox_mu": NON_NEGATIVE,
     "server_learning_rate": STRICTLY_POSITIVE, "server_momentum": Range(0, 1, open_high=True),
     "eval_every": POSITIVE, "eval_negatives": POSITIVE, "eval_users": NON_NEGATIVE, "seed": Range(0, 2**32 - 1), "top_users": POSITIVE,
+    "cold_item_fraction": Range(0, 1, open_high=True), "cold_item_seed": Range(0, 2**32 - 1),
     "sasrec_hidden_dim": POSITIVE, "sasrec_num_blocks": POSITIVE, "sasrec_num_heads": POSITIVE,
     "max_seq_len": POSITIVE, "moe_num_heads": POSITIVE, "dropout": Range(0, 1, open_high=True),
     "gating_init": NON_NEGATIVE, "contrastive_lambda": NON_NEGATIVE, "load_balance_lambda": NON_NEGATIVE,
@@ -307,6 +310,8 @@ def _check_flower(config: TrainConfig, source: str, secure_aggregation: bool) ->
         problems.append("eval_users > 0 (validation on a sample of users; in-process only for now)")
     if not config.resident_clients:
         problems.append("resident_clients=false (each node keeps its own partition's clients)")
+    if config.cold_item_fraction > 0:
+        problems.append("cold_item_fraction > 0 (the new-item protocol; in-process only for now)")
     if config.dp_enabled:
         problems.append("differential privacy (dp_noise_multiplier / dp_target_epsilon; in-process only: "
                         "`feddmmr train --set dp_...`)")
