@@ -71,6 +71,8 @@ class TrainConfig:
     contrastive_lambda: float = 0.5
     load_balance_lambda: float = 0.01
     contrastive_temperature: float = 0.07
+    standardise_features: bool = False  # z-score item features per dimension before the projectors (moe.Projector)
+    new_group_lr_multiplier: float = 1.0  # local learning rate x this for projectors, experts, router and gate
     # multimodal inputs and memory (SPEC §4)
     use_memory: bool = False
     use_visual: bool = True
@@ -111,7 +113,8 @@ class TrainConfig:
                     max_seq_len=self.max_seq_len, moe_num_heads=self.moe_num_heads, visual_dim=visual_dim,
                     text_dim=text_dim, dropout=self.dropout, gating_init=self.gating_init,
                     contrastive_lambda=self.contrastive_lambda, load_balance_lambda=self.load_balance_lambda,
-                    contrastive_temperature=self.contrastive_temperature)
+                    contrastive_temperature=self.contrastive_temperature,
+                    **({"standardise_features": True} if self.standardise_features else {}))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -161,7 +164,7 @@ RANGES: dict[str, Range] = {
     "sasrec_hidden_dim": POSITIVE, "sasrec_num_blocks": POSITIVE, "sasrec_num_heads": POSITIVE,
     "max_seq_len": POSITIVE, "moe_num_heads": POSITIVE, "dropout": Range(0, 1, open_high=True),
     "gating_init": NON_NEGATIVE, "contrastive_lambda": NON_NEGATIVE, "load_balance_lambda": NON_NEGATIVE,
-    "contrastive_temperature": STRICTLY_POSITIVE, "memory_top_k": POSITIVE, "st_window": POSITIVE,
+    "contrastive_temperature": STRICTLY_POSITIVE, "new_group_lr_multiplier": STRICTLY_POSITIVE, "memory_top_k": POSITIVE, "st_window": POSITIVE,
     "lt_capacity": NON_NEGATIVE, "novelty_threshold": Range(None, 1), "novelty_quantile": FRACTION,
     "duplicate_threshold": Range(-1, 1), "recency_half_life": STRICTLY_POSITIVE, "recency_weight": FRACTION,
     "st_fraction": FRACTION, "num_prototypes": POSITIVE, "num_global_prototypes": POSITIVE,
