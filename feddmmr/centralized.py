@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .data.dataset import SequenceDataset
+from .data.dataset import SequenceDataset, trim_padding
 from .engine.assemble import LocalClients, assemble
 from .engine.loop import finish
 from .engine.run_dir import RunDir, run_config_payload
@@ -64,27 +64,33 @@ def run_centralized(config: TrainConfig, data: SequenceDataset, out_dir: Path, e
 def pooled_pass(model, optimizer: torch.optim.Optimizer, inputs: np.ndarray, targets: np.ndarray,
                 memory: np.ndarray, content, pool: torch.Tensor, config: TrainConfig,
                 generator: torch.Generator, prototypes: torch.Tensor | None = None) -> list[float]:
-    """One shuffled pass of plain mini-batch training over pooled windows; the next-item losses."""
+    """One shuffled pass of plain mini-batch training over pooled windows; the next-item losses.
+
+    Batches are made on the model's device; the order and the negatives are drawn on the CPU from
+    ``generator`` (``pool`` stays there), so every device draws the same numbers."""
     from .federation.client import catalogue_mask
 
     model.train()
-    order = torch.randperm(len(inputs), generator=generator).numpy()
+    device = model.device
+    order = torch.randperm(len(inputs), generator=generator, device=generator.device).numpy()
     losses = []
-    catalogue = catalogue_mask(model.num_items, pool)
+    catalogue = catalogue_mask(model.num_items, pool, device)
     full = config.loss == "full_softmax"
     for lo in range(0, len(order), config.batch_size):
         rows = order[lo:lo + config.batch_size]
         negatives = None if full else \
-            pool[torch.randint(len(pool), (len(rows), config.num_negatives), generator=generator)]
+            pool[torch.randint(len(pool), (len(rows), config.num_negatives), generator=generator,
+                               device=generator.device)].to(device)
         memory_visual = memory_text = None
         if config.use_memory:
-            memory_visual, memory_text = content.memory(memory[rows], prototypes)
+            memory_visual, memory_text = content.memory(memory[rows], prototypes, device)
         align = None
         if config.use_memory and config.contrastive_lambda > 0:
-            align = torch.from_numpy(np.unique(targets[rows]))
-        out = model.losses(torch.from_numpy(inputs[rows]), torch.from_numpy(targets[rows]), negatives,
-                           memory_visual, memory_text, align_items=align, objective=config.loss,
-                           catalogue=catalogue, gbce_t=config.gbce_t)
+            align = torch.from_numpy(np.unique(targets[rows])).to(device)
+        width = trim_padding(inputs[rows])
+        out = model.losses(torch.from_numpy(inputs[rows, -width:]).to(device),
+                           torch.from_numpy(targets[rows, -width:]).to(device), negatives, memory_visual, memory_text,
+                           align_items=align, objective=config.loss, catalogue=catalogue, gbce_t=config.gbce_t)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .baselines import content_knn_scorer, popularity_scorer
-from .cli_args import add_data_args, columns_from_args, emit, int_at_least, load_from_args
+from .cli_args import add_data_args, add_device_arg, columns_from_args, emit, int_at_least, load_from_args
 from .config import ConfigError, apply_overrides, parse_sets
 from .data.dataset import last_n_padded, why_absent
 from .data.parsing import DataError
@@ -48,18 +48,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.top_users is None:
             args.top_users = _run_top_users(args.checkpoint)
         data = load_from_args(args)
-        run = restore(args.checkpoint, data, args.features)
+        run = restore(args.checkpoint, data, args.features, args.device)
         data = run.data  # under the run's new-item protocol, if it has one
         scorer, name, max_len = run.scorer(args.split), str(args.checkpoint), run.config.max_seq_len
-        seed = run.config.seed if args.seed is None else args.seed
+        seed, device = (run.config.seed if args.seed is None else args.seed), run.model.device
     else:
         data = load_from_args(args)
         scorer, name, max_len, seed = baseline_scorer(args.model, data, args.features), args.model, 50, args.seed or 0
+        device = "cpu"
     results = []
     for protocol in _protocols(args.protocol):
         negatives = run.config.eval_negatives if args.checkpoint is not None else 100
         result = evaluate(scorer, data, args.split, protocol, seed=seed, max_len=max_len, cache_dir=args.cache_dir,
-                          num_negatives=negatives)
+                          num_negatives=negatives, device=device)
         result["model"] = name
         results.append(result)
     emit(results[0] if len(results) == 1 else {"results": results}, args.json)
@@ -84,6 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.stage != args.stage:
         raise SystemExit(f"feddmmr: error: config {args.config} is for stage {config.stage}, not {args.stage}")
     apply_overrides(config, parse_sets(args.set), "--set")
+    if args.device is not None:
+        apply_overrides(config, {"device": args.device}, "--device")
     if args.seed is not None:
         config.seed = args.seed
     if args.top_users is not None:
@@ -107,12 +110,12 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         table = read_interactions(args.data, args.layout, columns_from_args(args))
         raise ValueError(why_absent(table, key, top))  # main() prints it as one error line, exit status 2
     row = int(matches[0])
-    run = restore(args.checkpoint, data, args.features)
+    run = restore(args.checkpoint, data, args.features, args.device)
     start, stop = data.offsets[row:row + 1], data.offsets[row + 1:row + 2]
-    seq = torch.from_numpy(last_n_padded(data.items, start, stop, run.config.max_seq_len))
+    seq = torch.from_numpy(last_n_padded(data.items, start, stop, run.config.max_seq_len)).to(run.model.device)
     scorer = run.scorer("test")  # memory after the held-out history; the input is the whole history
     with torch.no_grad():
-        scores = scorer(np.array([row]), seq, None)[0].clone()
+        scores = scorer(np.array([row]), seq, None)[0].cpu().clone()
     scores[torch.from_numpy(data.sequence(row))] = float("-inf")
     unused = np.ones(data.num_items, dtype=bool)
     unused[data.occurring_items()] = False
@@ -129,8 +132,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """Features (cached) -> Stage 1 -> Stage 3 -> one test report; re-running resumes or skips done stages."""
-    configs = stage_configs((args.stage1_config, args.stage3_config), parse_sets(args.set), args.seed,
-                            args.top_users)
+    overrides = parse_sets(args.set)
+    if args.device is not None:
+        overrides["device"] = args.device
+    configs = stage_configs((args.stage1_config, args.stage3_config), overrides, args.seed, args.top_users)
     run_pipeline(load_from_args(args), args.data, args.out, args.features, configs, args.seed,
                  progress=not args.no_progress, item_text=args.item_text, posters=args.posters)
     return 0
@@ -163,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int_at_least(0), default=None,
                     help="seed of the sampled candidates (default: the run's, or 0)")
     ev.add_argument("--cache-dir", type=Path, default=None, help="cache sampled candidates here")
+    add_device_arg(ev, "the model scores (whatever it was trained on)")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -180,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true")
     tr.add_argument("--threads", type=int_at_least(1), default=None,
                     help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
+    add_device_arg(tr, "the model trains and scores (the config key `device`)", default=None)
     tr.set_defaults(func=cmd_train)
 
     rec = sub.add_parser("recommend", help="top-K unseen items for one user")
@@ -188,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--features", type=Path, default=None)
     rec.add_argument("--user", required=True, help="raw user id")
     rec.add_argument("--k", type=int_at_least(1), default=10)
+    add_device_arg(rec, "the model scores")
     rec.add_argument("--json", action="store_true")
     rec.set_defaults(func=cmd_recommend)
 
@@ -207,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--no-progress", action="store_true")
     pipe.add_argument("--threads", type=int_at_least(1), default=None,
                       help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
+    add_device_arg(pipe, "the feature encoders run and both stages train and score (the config key `device`)",
+                   default=None)
     pipe.set_defaults(func=cmd_pipeline)
 
     add_features_parser(sub)

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .config import DEVICES
 from .data.dataset import SequenceDataset, load_dataset
 from .data.parsing import TableColumns
 from .data.readers import LAYOUTS
@@ -29,6 +30,14 @@ def add_data_args(parser: argparse.ArgumentParser, default_top: int | None = Non
                        help="table/RecBole: time column (default: found by name: timestamp, time, date, ...)")
     group.add_argument("--rating-col", default=None,
                        help="table/RecBole: optional rating column (default: 'rating', 'score', ... if exactly one)")
+
+
+def add_device_arg(parser, what: str, default: str | None = "cpu") -> None:
+    """``--device cpu|cuda|auto``, the same option on every command that computes (``auto``: a GPU when
+    there is one); ``None`` as default leaves the config's ``device`` key as it is."""
+    parser.add_argument("--device", choices=DEVICES, default=default,
+                        help=f"where {what}: cpu, cuda or auto (the GPU when torch sees one); default: "
+                             + (default or "the config's `device`, cpu unless set"))
 
 
 def top_users(value: str) -> int | str:

@@ -23,6 +23,7 @@ class TrainConfig:
     preset: str = "stage1_backbone"
     num_rounds: int = 20
     client_fraction: float = 0.1
+    clients_per_round: int = 0  # > 0: sample this many clients a round whatever the population (else client_fraction)
     local_epochs: int = 1
     learning_rate: float = 1e-3
     batch_size: int = 64
@@ -37,6 +38,8 @@ class TrainConfig:
     server_optimizer: str = "fedavg"  # fedavg | fedavgm | fedadam
     server_learning_rate: float = 1.0
     server_momentum: float = 0.9
+    server_lr_schedule: str = "constant"  # constant | cosine (server step annealed over num_rounds)
+    server_lr_final_ratio: float = 0.0  # cosine: the last round's step as a share of server_learning_rate
     # update screening and aggregation (federation/server.py; docs/robustness.md)
     aggregation: str = "fedavg"  # fedavg | fedprox (needs fedprox_mu > 0) | trimmed_mean | median
     trim_fraction: float = 0.1  # trimmed_mean: share dropped at each end of every coordinate, [0, 0.5)
@@ -51,6 +54,7 @@ class TrainConfig:
     eval_negatives: int = 100  # negatives per user in the sampled protocol (1 + 100)
     eval_users: int = 0  # > 0: validate each round on this many users (a fixed seeded sample); the final scores use all
     seed: int = 0
+    device: str = "cpu"  # cpu | cuda | auto (cuda when available): where the model trains and scores (devices.py)
     # reliability
     client_dropout: float = 0.0  # fault injection: this fraction of each round's sampled clients fails
     min_clients: int = 1  # a round needs this many answers, else the run stops (resumable)
@@ -156,9 +160,11 @@ STRICTLY_POSITIVE = Range(0, open_low=True)
 # Every numeric key's allowed values (a test checks none is missing). New keys: add a line here.
 RANGES: dict[str, Range] = {
     "stage": Range(1, 3), "num_rounds": POSITIVE, "client_fraction": Range(0, 1, open_low=True),
+    "clients_per_round": NON_NEGATIVE,
     "local_epochs": POSITIVE, "learning_rate": STRICTLY_POSITIVE, "batch_size": POSITIVE,
     "num_negatives": POSITIVE, "gbce_t": FRACTION, "weight_decay": NON_NEGATIVE, "fedprox_mu": NON_NEGATIVE,
     "server_learning_rate": STRICTLY_POSITIVE, "server_momentum": Range(0, 1, open_high=True),
+    "server_lr_final_ratio": FRACTION,
     "eval_every": POSITIVE, "eval_negatives": POSITIVE, "eval_users": NON_NEGATIVE, "seed": Range(0, 2**32 - 1), "top_users": POSITIVE,
     "cold_item_fraction": Range(0, 1, open_high=True), "cold_item_seed": Range(0, 2**32 - 1),
     "sasrec_hidden_dim": POSITIVE, "sasrec_num_blocks": POSITIVE, "sasrec_num_heads": POSITIVE,
@@ -173,16 +179,19 @@ RANGES: dict[str, Range] = {
     "attack_scale": Range(), "dp_noise_multiplier": NON_NEGATIVE, "dp_target_epsilon": NON_NEGATIVE,
     "dp_clip_norm": NON_NEGATIVE, "dp_delta": Range(0, 1, open_low=True, open_high=True),
 }
+DEVICES = ("cpu", "cuda", "auto")  # resolved by devices.resolve_device
 AGGREGATIONS = ("fedavg", "fedprox", "trimmed_mean", "median")
 ATTACKS = ("none", "scale", "sign_flip", "nan")  # fault injection for benchmarks and tests
 CHOICES: dict[str, tuple[str, ...]] = {
     "local_optimizer": ("adam", "sgd"),
     "item_embedding_aggregation": ("updated_rows", "fedavg"),
     "server_optimizer": ("fedavg", "fedavgm", "fedadam"),
+    "server_lr_schedule": ("constant", "cosine"),
     "eval_protocol": ("sampled", "full"),
     "loss": OBJECTIVES,
     "aggregation": AGGREGATIONS,
     "attack": ATTACKS,
+    "device": DEVICES,
 }
 
 
@@ -239,7 +248,8 @@ def validate_config(config: TrainConfig, source: str = "config", *, num_users: i
     The one place for config validation: a new key gets its range in RANGES or its choices in
     CHOICES. ``num_users`` adds the quorum check (``min_clients`` reachable each round);
     ``transport="flower"`` refuses what only the in-process runner does (fault injection, DP), and
-    ``secure_aggregation`` what SecAgg+ cannot do (rules that need each update).
+    ``secure_aggregation`` what SecAgg+ cannot do (rules that need each update). In-process, the
+    ``device`` must be usable on this machine; on Flower each node checks it on its own hardware.
     """
     for spec in dataclasses.fields(TrainConfig):
         name, value, kind = spec.name, getattr(config, spec.name), str(spec.type)
@@ -267,13 +277,27 @@ def validate_config(config: TrainConfig, source: str = "config", *, num_users: i
         _check_quorum(config, source, num_users)
     if transport == "flower":
         _check_flower(config, source, secure_aggregation)
+    else:  # on Flower each node resolves the device on its own hardware (the server never trains)
+        _check_device(config, source)
     return config
+
+
+def _check_device(config: TrainConfig, source: str) -> None:
+    """``device=cuda`` on a machine without a usable GPU fails here, before any work, saying how to fix it."""
+    from .devices import device_problem  # devices imports this module (ConfigError, DEVICES)
+
+    problem = device_problem(config.device)
+    if problem is not None:
+        raise ConfigError(f"{source}: config key 'device' = {config.device!r}: {problem}")
 
 
 def _check_privacy(config: TrainConfig, source: str) -> None:
     """DP mode: the ``dp_*`` keys together, and nothing that would leak past the noise: ``updated_rows``
     averaging tells the server which item rows each client changed, and memory prototypes travel
     un-noised."""
+    if config.clients_per_round:
+        raise ConfigError(f"{source}: config key 'clients_per_round' = {config.clients_per_round}: the DP accountant "
+                          "assumes Poisson sampling at rate client_fraction; set client_fraction instead in DP mode")
     if config.dp_noise_multiplier > 0 and config.dp_target_epsilon > 0:
         raise ConfigError(f"{source}: config keys 'dp_noise_multiplier' and 'dp_target_epsilon' both set: set one "
                           "(the target epsilon chooses the noise multiplier)")
@@ -291,14 +315,20 @@ def _check_privacy(config: TrainConfig, source: str) -> None:
 
 def _check_quorum(config: TrainConfig, source: str, num_users: int) -> None:
     """``min_clients`` must be reachable: at most the number of clients sampled per round."""
-    sampled = clients_per_round(num_users, config.client_fraction)
+    sampled = round_size(num_users, config.client_fraction, config.clients_per_round)
     if config.min_clients > sampled:
+        rule = (f"clients_per_round={config.clients_per_round}" if config.clients_per_round
+                else f"client_fraction={config.client_fraction}")
         raise ConfigError(f"{source}: min_clients={config.min_clients} exceeds the {sampled} clients sampled per "
-                          f"round (client_fraction={config.client_fraction} of {num_users} users)")
+                          f"round ({rule} of {num_users} users)")
 
 
-def clients_per_round(num_users: int, fraction: float) -> int:
-    """How many clients a round samples: ``round(fraction * users)``, at least one."""
+def round_size(num_users: int, fraction: float, count: int = 0) -> int:
+    """How many clients a round samples: ``count`` (capped by the population) when set, else
+    ``round(fraction * users)``, at least one. A fixed count keeps a recipe's round the same size
+    when it moves from 1,000 users to 6,040."""
+    if count > 0:
+        return min(count, num_users)
     return max(1, int(round(fraction * num_users)))
 
 
@@ -332,14 +362,15 @@ def _check_flower(config: TrainConfig, source: str, secure_aggregation: bool) ->
                           "secure_aggregation=false")
 
 
-def apply_overrides(config: TrainConfig, values: dict, source: str) -> TrainConfig:
-    """Set ``values`` on ``config`` (coerced to each key's type), then validate the whole config."""
+def apply_overrides(config: TrainConfig, values: dict, source: str, transport: str = "in-process") -> TrainConfig:
+    """Set ``values`` on ``config`` (coerced to each key's type), then validate the whole config
+    (for ``transport``: see :func:`validate_config`)."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{source}: unknown config key {key!r}")
         setattr(config, key, _coerce(key, value, source))
-    return validate_config(config, source)
+    return validate_config(config, source, transport=transport)
 
 
 def load_preset(name_or_path: str | Path) -> TrainConfig:

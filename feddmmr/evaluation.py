@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .data.dataset import SequenceDataset
+from .data.dataset import SequenceDataset, trim_padding
 from .safeio import ArrayFileError, load_npy
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def ranks_from_scores(scores: torch.Tensor, target_col: torch.Tensor) -> torch.T
 
 def metrics_from_ranks(ranks: torch.Tensor | np.ndarray) -> dict[str, float]:
     """HR@k, NDCG@k (one relevant item) and MRR from 0-based ranks, averaged over users."""
-    ranks = torch.as_tensor(ranks, dtype=torch.float64)
+    ranks = torch.as_tensor(ranks, dtype=torch.float64, device="cpu")
     out: dict[str, float] = {}
     for k in KS:
         hit = ranks < k
@@ -83,7 +83,7 @@ def sample_candidates(data: SequenceDataset, split: str, seed: int = 0,
     allowed_t = torch.from_numpy(allowed)
     for lo in range(0, data.num_users, chunk):
         users = np.arange(lo, min(lo + chunk, data.num_users))
-        keys = torch.rand((len(users), data.num_items), generator=generator)
+        keys = torch.rand((len(users), data.num_items), generator=generator, device=generator.device)
         mask = ~allowed_t.expand(len(users), -1).clone()
         rows, items = data.history_mask_rows(users)
         mask[torch.from_numpy(rows), torch.from_numpy(items)] = True
@@ -134,45 +134,55 @@ def candidates(data: SequenceDataset, split: str, seed: int = 0, cache_dir: Path
 def evaluate(score_fn: ScoreFn, data: SequenceDataset, split: str = "val", protocol: str = "sampled", *,
              seed: int = 0, max_len: int = 50, batch_size: int = 512, exclude_history: bool = True,
              cache_dir: Path | None = None, users: np.ndarray | None = None,
-             num_negatives: int = NUM_SAMPLED_NEGATIVES, item_block: int = ITEM_BLOCK) -> dict:
+             num_negatives: int = NUM_SAMPLED_NEGATIVES, item_block: int = ITEM_BLOCK,
+             device: torch.device | str = "cpu") -> dict:
     """Score every user (or ``users``) under one protocol; returns metrics named with their protocol.
 
     Full ranking over a catalogue larger than ``item_block`` streams it in item blocks, so a batch
-    never holds ``[users, catalogue]`` scores (or the experts' per-candidate activations)."""
+    never holds ``[users, catalogue]`` scores (or the experts' per-candidate activations).
+    ``device`` is the scorer's (its model's): every batch is made there and scored and ranked there;
+    only the ranks come back to the CPU. The sampled candidates are drawn on the CPU (cached)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
     users = np.arange(data.num_users) if users is None else np.asarray(users)
     _, _, targets = data.split_bounds(split)
     inputs = data.padded_inputs(split, users, max_len)
     cands = candidates(data, split, seed, cache_dir, num_negatives)[users] if protocol == "sampled" else None
+    device = torch.device(device)
+
+    def on(array: np.ndarray) -> torch.Tensor:
+        """A numpy batch on the scorer's device."""
+        return torch.from_numpy(array).to(device)
+
     not_candidate = None
     if protocol == "full":
-        not_candidate = torch.ones(data.num_items, dtype=torch.bool)
-        not_candidate[torch.from_numpy(data.occurring_items())] = False
+        not_candidate = torch.ones(data.num_items, dtype=torch.bool, device=device)
+        not_candidate[on(data.occurring_items())] = False
         not_candidate[0] = True
     all_ranks = []
     for lo in range(0, len(users), batch_size):
         rows = users[lo:lo + batch_size]
-        seq = torch.from_numpy(inputs[lo:lo + batch_size])
+        batch = inputs[lo:lo + batch_size]
+        seq = on(batch[:, -trim_padding(batch):])
         if protocol == "sampled":
             with torch.no_grad():
-                scores = score_fn(rows, seq, torch.from_numpy(cands[lo:lo + batch_size])).float()
-            target_col = torch.zeros(len(rows), dtype=torch.long)
+                scores = score_fn(rows, seq, on(cands[lo:lo + batch_size])).float()
+            target_col = torch.zeros(len(rows), dtype=torch.long, device=device)
         else:
-            target = torch.from_numpy(targets[rows])
+            target = on(targets[rows])
             excluded = not_candidate.expand(len(rows), -1).clone()
             if exclude_history:
                 hist_rows, hist_items = data.history_mask_rows(rows, split)
-                excluded[torch.from_numpy(hist_rows), torch.from_numpy(hist_items)] = True
-            excluded[torch.arange(len(rows)), target] = False
+                excluded[on(hist_rows), on(hist_items)] = True
+            excluded[torch.arange(len(rows), device=device), target] = False
             if data.num_items > item_block:
-                all_ranks.append(blocked_ranks(score_fn, rows, seq, target, excluded, item_block))
+                all_ranks.append(blocked_ranks(score_fn, rows, seq, target, excluded, item_block).cpu())
                 continue
             with torch.no_grad():
                 scores = score_fn(rows, seq, None).float().clone()
             scores[excluded] = float("-inf")
             target_col = target
-        all_ranks.append(ranks_from_scores(scores, target_col))
+        all_ranks.append(ranks_from_scores(scores, target_col).cpu())
     result = {"protocol": protocol, "split": split, "users": int(len(users))}
     if protocol == "sampled":
         result.update(seed=int(seed), negatives=int(num_negatives))
@@ -202,13 +212,15 @@ def by_target_type(ranks: torch.Tensor, new: np.ndarray) -> dict[str, dict]:
 def blocked_ranks(score_fn: ScoreFn, rows: np.ndarray, seq: torch.Tensor, target: torch.Tensor,
                   excluded: torch.Tensor, item_block: int) -> torch.Tensor:
     """The pessimistic ranks of ``ranks_from_scores`` (items scoring at least the target's score, the
-    target not counted), counted block by block; the target's own score comes from a one-column call."""
+    target not counted), counted block by block; the target's own score comes from a one-column call.
+    Made on ``excluded``'s device (the scorer's)."""
+    device = excluded.device
     with torch.no_grad():
         own = score_fn(rows, seq, target.view(-1, 1)).float()
-        ahead = torch.zeros(len(rows), dtype=torch.long)
+        ahead = torch.zeros(len(rows), dtype=torch.long, device=device)
         num_items = excluded.shape[1]
         for lo in range(0, num_items, item_block):
-            items = torch.arange(lo, min(lo + item_block, num_items))
+            items = torch.arange(lo, min(lo + item_block, num_items), device=device)
             scores = score_fn(rows, seq, items.expand(len(rows), -1)).float()
             counted = (scores >= own) & ~excluded[:, lo:lo + item_block] & (items[None, :] != target[:, None])
             ahead += counted.sum(1)

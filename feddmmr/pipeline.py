@@ -36,9 +36,10 @@ def stage_configs(presets: tuple[str | None, str | None], overrides: dict, seed:
 
 
 def ensure_features(data: SequenceDataset, data_path: Path, features: Path, progress: bool,
-                    item_text: Path | None = None, posters: Path | None = None) -> dict:
-    """An existing valid feature folder as it is; else extract one. With ``item_text`` or ``posters``
-    the extraction always runs: it recomputes a modality only when its inputs changed (input hash)."""
+                    item_text: Path | None = None, posters: Path | None = None, device: str = "cpu") -> dict:
+    """An existing valid feature folder as it is; else extract one (the encoders on ``device``). With
+    ``item_text`` or ``posters`` the extraction always runs: it recomputes a modality only when its
+    inputs changed (input hash)."""
     if item_text is None and posters is None:
         try:
             text, visual = load_features(features, data.num_items)
@@ -47,7 +48,7 @@ def ensure_features(data: SequenceDataset, data_path: Path, features: Path, prog
         except FeatureError:
             pass
     return run_extract(data, data_path, features, posters=posters, item_text=item_text, workers=1,
-                       progress=progress)
+                       progress=progress, device=device)
 
 
 def modality_note(summary: dict) -> str | None:
@@ -70,7 +71,7 @@ def run_pipeline(data: SequenceDataset, data_path: Path, out: Path, features: Pa
     stats = data.stats()
     log.info("data: %s", json.dumps(stats))
     features = features or out / "features"
-    summary = ensure_features(data, data_path, features, progress, item_text, posters)
+    summary = ensure_features(data, data_path, features, progress, item_text, posters, configs[0][1].device)
     log.info("features: %s", json.dumps({k: {"status": v["status"], "coverage": v.get("coverage")}
                                           for k, v in summary.items()}))
     if (note := modality_note(summary)) is not None:

@@ -184,7 +184,7 @@ def test_text_zero_vector_rows_stay_masked(tmp_path, monkeypatch, tiny_st):
             return out
 
     real_load = text_encoder.load_text_encoder
-    monkeypatch.setattr(extract, "load_text_encoder", lambda name: Fake(real_load(name)))
+    monkeypatch.setattr(extract, "load_text_encoder", lambda name, device: Fake(real_load(name, device)))
     texts = ItemTexts({1: "a", 2: "b"}, {1: "plot", 2: "plot"}, {1: 1, 2: 2})
     table, _ = extract_text(texts, 3, tmp_path / "t.pt", tiny_st, progress=False)
     assert table.mask.tolist() == [False, False, True]

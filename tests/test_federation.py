@@ -50,6 +50,19 @@ def test_client_sampling_is_seeded_and_sized():
         sample_clients(100, 0.0, 0, 1)
 
 
+def test_a_fixed_cohort_size_is_the_same_whatever_the_population():
+    from feddmmr.config import ConfigError, TrainConfig, validate_config
+
+    for users in (100, 6040):
+        assert len(sample_clients(users, 0.1, seed=3, round_number=1, count=20)) == 20
+    assert len(sample_clients(15, 0.1, seed=3, round_number=1, count=20)) == 15  # capped by the population
+    with pytest.raises(ConfigError, match="min_clients=21 exceeds the 20 clients.*clients_per_round=20"):
+        validate_config(TrainConfig(clients_per_round=20, min_clients=21), "test", num_users=1000)
+    with pytest.raises(ConfigError, match="clients_per_round"):  # DP accounts for Poisson sampling at a rate
+        validate_config(TrainConfig(clients_per_round=20, dp_noise_multiplier=1.0, dp_clip_norm=1.0,
+                                    item_embedding_aggregation="fedavg"), "test", num_users=1000)
+
+
 def test_prototype_aggregation_gives_unit_global_slots():
     protos = [np.eye(4, dtype=np.float32)[:2], np.eye(4, dtype=np.float32)[2:]]
     centers = aggregate_prototypes(protos, 2, seed=0)
@@ -423,6 +436,22 @@ def test_server_momentum_accumulates_the_mean_update():
     with pytest.raises(ValueError, match="server_optimizer"):
         ServerOptimizer("sgd")
 
+
+def test_a_cosine_server_schedule_anneals_the_step_from_full_to_the_final_ratio():
+    from feddmmr.federation.server import ServerOptimizer
+
+    cosine = ServerOptimizer("fedavg", schedule="cosine", num_rounds=5, final_ratio=0.1)
+    rates = [cosine.learning_rate(r) for r in range(1, 6)]
+    assert rates[0] == pytest.approx(1.0) and rates[-1] == pytest.approx(0.1)
+    assert rates[2] == pytest.approx(0.55)  # half-way: the mean of both ends
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    glob = {"w": torch.zeros(2)}
+    third = cosine.step(glob, {"w": torch.ones(2)}, round_number=3)["w"]  # delta 1, step 0.55
+    assert torch.allclose(third, torch.full((2,), 0.55))
+    assert torch.equal(ServerOptimizer("fedavg").step(glob, {"w": torch.ones(2)}, round_number=3)["w"],
+                       torch.ones(2))  # constant: the plain mean, whatever the round
+    with pytest.raises(ValueError, match="server_lr_schedule"):
+        ServerOptimizer("fedavg", schedule="step")
 
 def test_without_negative_updates_a_client_moves_only_its_own_item_rows(tmp_path):
     config = tiny_config(1, update_negative_items=False, num_negatives=20)

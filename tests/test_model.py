@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from feddmmr.data.dataset import trim_padding
 from feddmmr.models import PARAM_GROUPS, CheckpointError, UR4RecV2MoE
 
 NUM_ITEMS, HIDDEN, L, DV, DT = 40, 16, 8, 12, 10
@@ -150,6 +151,29 @@ def test_padding_is_invisible_to_real_positions():
     # ... while the same perturbation of a real row does reach the later positions
     assert not torch.allclose(out[:, 6:], control[:, 6:])
 
+
+
+def test_cutting_all_padding_columns_changes_no_output():
+    """Positions are right-aligned: a batch of short windows cut to its real length scores as the
+    full width does, so short windows need not pay for L positions."""
+    model = make_model().eval()
+    seq, cands, mem_vis, mem_txt = batch(4)
+    seq[:, :3] = 0
+    seq[1, :5] = 0
+    width = trim_padding(seq.numpy())
+    assert width == L - 3
+    with torch.no_grad():
+        full = model.score(model.encode(seq)[:, -1], cands, mem_vis, mem_txt)
+        cut = model.score(model.encode(seq[:, -width:])[:, -1], cands, mem_vis, mem_txt)
+    torch.testing.assert_close(cut, full, rtol=0, atol=1e-5)
+
+
+def test_trim_padding_counts_the_columns_that_hold_an_item():
+    import numpy as np
+
+    assert trim_padding(np.array([[0, 0, 1], [0, 2, 3]])) == 2
+    assert trim_padding(np.zeros((2, 3, 4), dtype=np.int64)) == 1  # an all-padding batch keeps one column
+    assert trim_padding(np.array([[[5, 0, 1]]])) == 3
 
 # ---------------------------------------------------------------------------------------- padding
 def test_padding_row_is_zero_at_init_and_after_adam_step():

@@ -195,6 +195,15 @@ def last_n_padded(items: np.ndarray, start: np.ndarray, end: np.ndarray, n: int)
     return np.where(valid, items[np.clip(idx, 0, max(len(items) - 1, 0))], 0).astype(np.int64)
 
 
+def trim_padding(inputs: np.ndarray) -> int:
+    """How many columns of a left-padded ``[..., L]`` batch hold any item (at least 1).
+
+    Padding is masked everywhere and positions are right-aligned, so cutting the all-padding
+    left columns changes no output: a batch of short windows costs its real length, not L."""
+    filled = np.flatnonzero(inputs.reshape(-1, inputs.shape[-1]).any(axis=0))
+    return int(inputs.shape[-1] - filled[0]) if len(filled) else 1
+
+
 def top_users(counts: np.ndarray, raw_ids: np.ndarray, n: int) -> np.ndarray:
     """Rows of the n most active users; ties go to the smaller raw user id (deterministic)."""
     order = np.lexsort((raw_ids, -counts))

@@ -16,6 +16,7 @@ import torch
 from ..config import TrainConfig, apply_overrides, load_preset, stage_preset
 from ..data.dataset import SequenceDataset
 from ..data.dataset import SPLITS
+from ..devices import resolve_device
 from ..evaluation import ITEM_BLOCK, ScoreFn, evaluate
 from ..features.store import load_features
 from ..federation import checkpoint as ckpt
@@ -69,9 +70,11 @@ def load_content(config: TrainConfig, features_dir: Path | None, num_items: int)
 
 
 def assemble(config: TrainConfig, data: SequenceDataset, features_dir: Path | None = None,
-             init_dir: Path | None = None) -> Assembly:
+             init_dir: Path | None = None, device: torch.device | str | None = None) -> Assembly:
     """The global model (initialised from the seed, then the previous stage's groups) and the item content.
 
+    The model is built on the CPU (the same initial weights on any device), then moved to ``device``
+    (default: the config's ``device``, resolved here); the item content stays on the CPU.
     ``Assembly.data`` is ``data`` under the config's new-item protocol (``cold_item_fraction``): every
     part of a run (clients, negatives, evaluation) reads it, never the ``data`` passed in."""
     data = data_for(config, data)
@@ -92,6 +95,7 @@ def assemble(config: TrainConfig, data: SequenceDataset, features_dir: Path | No
     elif used:
         raise CheckpointError(f"stage {config.stage} freezes parameter group(s) {used}: pass --init with the "
                               "run directory of the previous stage (e.g. a Stage 1 run)")
+    model.to(resolve_device(config.device) if device is None else torch.device(device))
     space, memory_config = _memory_parts(config, content)
     return Assembly(config, data, model, content, space, memory_config, meta, trained,
                     str(init_dir) if init_dir is not None else None)
@@ -149,14 +153,15 @@ def memory_scorer(model: UR4RecV2MoE, content: ItemContent, memory_ids: np.ndarr
         with torch.no_grad():
             tables = model.projected_tables()
     batch: dict = {}  # the last batch's input tensor (kept alive, so identity is safe) and its user side
+    device = model.device  # seq and items come on it (evaluate(..., device=model.device))
 
     def score(users: np.ndarray, seq: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
         if batch.get("seq") is not seq:
-            memory = content.memory(memory_ids[users], prototypes) if memory_ids is not None else (None, None)
+            memory = content.memory(memory_ids[users], prototypes, device) if memory_ids is not None else (None, None)
             batch.update(seq=seq, hidden=model.encode(seq)[:, -1], memory=memory)
         hidden, (memory_visual, memory_text) = batch["hidden"], batch["memory"]
         if items is None:
-            items = torch.arange(model.num_items).expand(len(users), -1)
+            items = torch.arange(model.num_items, device=device).expand(len(users), -1)
         return model.score(hidden, items, memory_visual, memory_text, tables=tables, shared_candidates=blocks)
 
     return score
@@ -174,7 +179,9 @@ def eval_memory(clients: dict[int, ClientData], split: str, num_users: int, top_
 
 
 def make_server_optimizer(config: TrainConfig) -> ServerOptimizer:
-    return ServerOptimizer(config.server_optimizer, config.server_learning_rate, config.server_momentum)
+    return ServerOptimizer(config.server_optimizer, config.server_learning_rate, config.server_momentum,
+                           schedule=config.server_lr_schedule, num_rounds=config.num_rounds,
+                           final_ratio=config.server_lr_final_ratio)
 
 
 def client_seed(seed: int, round_number: int, user: int) -> int:
@@ -201,12 +208,15 @@ class TrainedRun:
         return memory_scorer(self.model, self.content, memory_ids, self.prototypes)
 
 
-def restore(run_dir: Path, data: SequenceDataset, features_dir: Path | None = None) -> TrainedRun:
-    """Load a run directory's best model and rebuild the clients' memories from ``data``."""
+def restore(run_dir: Path, data: SequenceDataset, features_dir: Path | None = None,
+            device: str = "cpu") -> TrainedRun:
+    """Load a run directory's best model onto ``device`` (``cpu``, ``cuda``, ``auto``: where it is
+    scored now, whatever it was trained on) and rebuild the clients' memories from ``data``."""
     run_dir = Path(run_dir)
     model, saved = ckpt.load_model(run_dir)
-    config = apply_overrides(TrainConfig(), saved["train"], str(run_dir / ckpt.CONFIG_FILE))
+    config = apply_overrides(TrainConfig(), {**saved["train"], "device": device}, str(run_dir / ckpt.CONFIG_FILE))
     data = data_for(config, data)
+    model.to(resolve_device(config.device))
     if saved["model"]["num_items"] != data.num_items:
         raise CheckpointError(f"{run_dir}: the model has {saved['model']['num_items']} item indices, the data "
                               f"{data.num_items}; pass the dataset (and --top-users) the run was trained on")
@@ -272,7 +282,8 @@ class LocalClients:
         model.eval()
         return [evaluate(memory_scorer(model, self.assembly.content, self.memory_ids(split), prototypes), data,
                          split, protocol, seed=config.seed, max_len=config.max_seq_len, batch_size=batch_size,
-                         cache_dir=self.cache_dir, users=users, num_negatives=config.eval_negatives)
+                         cache_dir=self.cache_dir, users=users, num_negatives=config.eval_negatives,
+                         device=model.device)
                 for split, protocol, batch_size in requests]
 
     def memory(self) -> tuple[dict[str, np.ndarray], str] | None:

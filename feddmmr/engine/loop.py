@@ -102,7 +102,8 @@ def run_rounds(config: TrainConfig, model: UR4RecV2MoE, transport: Transport, ru
         if dp:  # DP mode: Poisson sampling, clipped deltas + Gaussian noise over a fixed denominator
             selected = dp.sample(round_number)
         else:
-            selected = sample_clients(transport.num_users, config.client_fraction, config.seed, round_number)
+            selected = sample_clients(transport.num_users, config.client_fraction, config.seed, round_number,
+                                      config.clients_per_round)
         if dp:
             aggregator = dp.aggregator(global_state, round_number)
         else:
@@ -124,7 +125,7 @@ def run_rounds(config: TrainConfig, model: UR4RecV2MoE, transport: Transport, ru
                 f"with its state after round "
                 f"{round_number - 1} saved in {run_dir.out_dir / ckpt.RESUME_DIR}: fix the cause (or lower "
                 "min_clients) and resume")
-        global_state = server_optimizer.step(global_state, screen.result())
+        global_state = server_optimizer.step(global_state, screen.result(), round_number)
         model.copy_state_(global_state)
         prototypes = merge_prototypes(config, counted.prototypes, round_number, prototypes)
         entry = round_entry(config, round_number, result, counted, screen, model, time.time() - tick)

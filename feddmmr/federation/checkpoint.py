@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import TrainConfig
 from ..models import PARAM_GROUPS, CheckpointError, UR4RecV2MoE, group_of
 
 MODEL_FILE = "model.safetensors"
@@ -291,12 +292,18 @@ def load_resume_point(run_dir: Path, run_config: dict) -> ResumePoint:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """``key: saved vs current`` for every differing leaf (dotted keys; versions and RESUMABLE_CHANGES ignored)."""
+    """``key: saved vs current`` for every differing leaf (dotted keys; versions and RESUMABLE_CHANGES ignored).
+
+    A training key the saved config lacks (added to ``TrainConfig`` after the run started) is no
+    difference while it keeps its default: a new key's default is the behaviour before it existed."""
     before, now = _flatten(saved), _flatten(json.loads(json.dumps(current, default=_jsonable)))
+    defaults = _flatten(json.loads(json.dumps({"train": TrainConfig().to_dict()})))
     missing = "<absent>"
     out = []
     for key in sorted(set(before) | set(now)):
         if key in RESUMABLE_CHANGES or key.startswith("versions."):
+            continue
+        if key not in before and key in defaults and now.get(key, missing) == defaults[key]:
             continue
         if before.get(key, missing) != now.get(key, missing):
             out.append(f"{key} was {before.get(key, missing)!r}, now {now.get(key, missing)!r}")

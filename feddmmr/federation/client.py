@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.dataset import SequenceDataset, last_n_padded
+from ..data.dataset import SequenceDataset, last_n_padded, trim_padding
 from ..models import UR4RecV2MoE
 from ..models.groups import group_of
 from .memory import ItemSpace, LocalMemory, MemoryConfig, client_threshold, novelty
@@ -171,37 +171,50 @@ class ClientFailure:
 
 
 class ItemContent:
-    """The public item feature tables a client reads its memory through (zero row = missing)."""
+    """The public item feature tables a client reads its memory through (zero row = missing).
+
+    ``visual`` and ``text`` stay on the CPU (the memory's item space reads them); the gathered
+    memory features are made on the device the model runs on, from one copy of the tables there."""
 
     def __init__(self, visual: torch.Tensor | None, text: torch.Tensor | None):
         self.visual, self.text = visual, text
+        self._copies: dict[torch.device, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
 
-    def memory(self, ids: np.ndarray, prototypes: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        """``[B, K(+P), Dv]``, ``[B, K(+P), Dt]`` for memory item ids ``[B, K]`` plus global prototypes."""
+    def tables(self, device: torch.device | str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(visual, text)`` on ``device`` (on the CPU: the tables themselves, no copy)."""
+        device = torch.device(device)
+        if device not in self._copies:
+            self._copies[device] = tuple(None if t is None else t.to(device) for t in (self.visual, self.text))
+        return self._copies[device]
+
+    def memory(self, ids: np.ndarray, prototypes: torch.Tensor | None,
+               device: torch.device | str) -> tuple[torch.Tensor | None, ...]:
+        """``[B, K(+P), Dv]``, ``[B, K(+P), Dt]`` on ``device`` for memory item ids ``[B, K]`` plus global
+        prototypes."""
         if ids.shape[-1] == 0 and prototypes is None:
             return None, None
-        index = torch.from_numpy(ids)
+        index = torch.from_numpy(ids).to(device)
         out = []
         offset = 0
-        for table in (self.visual, self.text):
+        for table in self.tables(device):
             if table is None:
                 out.append(None)
                 continue
             part = table[index]
             if prototypes is not None and len(prototypes):
-                proto = torch.nn.functional.normalize(prototypes[:, offset:offset + table.shape[1]], dim=-1)
+                proto = torch.nn.functional.normalize(prototypes[:, offset:offset + table.shape[1]].to(device), dim=-1)
                 part = torch.cat([part, proto.unsqueeze(0).expand(len(ids), -1, -1)], dim=1)
             offset += table.shape[1]
             out.append(part)
         return tuple(out)
 
 
-def catalogue_mask(num_items: int, item_pool) -> torch.Tensor | None:
-    """Bool ``[num_items]``: the rows a full softmax may rank (the items that occur; never padding 0)."""
+def catalogue_mask(num_items: int, item_pool, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Bool ``[num_items]`` on ``device``: the rows a full softmax may rank (the items that occur; never padding 0)."""
     if num_items <= 0:
         return None
-    mask = torch.zeros(num_items, dtype=torch.bool)
-    mask[torch.as_tensor(np.asarray(item_pool, dtype=np.int64))] = True
+    mask = torch.zeros(num_items, dtype=torch.bool, device=device)
+    mask[torch.as_tensor(np.asarray(item_pool, dtype=np.int64), device=device)] = True
     mask[0] = False
     return mask
 
@@ -243,6 +256,10 @@ class LocalTrainer:
     (a 10-window client is a tiny forward) without changing the algorithm. One model is
     shared by every client of the process: no per-client copies of the model.
 
+    Everything a step computes with lives on the model's device; the random draws (batch order,
+    negatives, alignment items) come from per-client CPU generators and are moved there, so a
+    client draws the same numbers on any device. Updates leave on the CPU.
+
     ``client_batch`` clients share a vmapped step: a larger group amortises more overhead but keeps
     more activations alive at once (measured trade-off: docs/performance.md).
     """
@@ -254,7 +271,8 @@ class LocalTrainer:
     def __init__(self, model: UR4RecV2MoE, config, content: ItemContent, item_pool: np.ndarray,
                  client_batch: int = 8):
         self.model, self.config, self.content = model, config, content
-        self.item_pool = torch.from_numpy(np.asarray(item_pool, dtype=np.int64))
+        self.device = model.device
+        self.item_pool = torch.from_numpy(np.asarray(item_pool, dtype=np.int64))  # CPU: negatives are drawn there
         self.client_batch = max(1, int(client_batch))
         groups = list(config.transmitted_groups)
         model.set_trainable(groups)
@@ -263,7 +281,7 @@ class LocalTrainer:
         if not self.names:
             raise ValueError(f"stage trains no parameters (trainable_groups={config.trainable_groups})")
         self.wrapper = _Losses(model, not config.update_negative_items, config.loss,
-                               catalogue_mask(model.num_items, item_pool), config.gbce_t)
+                               catalogue_mask(model.num_items, item_pool, self.device), config.gbce_t)
         self._grads: dict[tuple, callable] = {}
 
     def _grad(self, params, *batch):
@@ -324,7 +342,7 @@ class LocalTrainer:
         """The client's batches (window rows) over all local epochs, in its own random order."""
         batches = []
         for _ in range(self.config.local_epochs):
-            order = torch.randperm(len(client.inputs), generator=generator).numpy()
+            order = torch.randperm(len(client.inputs), generator=generator, device=generator.device).numpy()
             batches += [order[lo:lo + self.config.batch_size] for lo in range(0, len(order), self.config.batch_size)]
         return batches
 
@@ -340,15 +358,16 @@ class LocalTrainer:
         anchor = {n: own[n].detach() for n in self.names} if cfg.fedprox_mu > 0 else None
         first = {n: torch.zeros_like(p) for n, p in params.items()}
         second = {n: torch.zeros_like(p) for n, p in params.items()}
-        steps = torch.zeros(count)
+        steps = torch.zeros(count, device=self.device)
         sums: list[dict[str, float]] = [{} for _ in clients]
         for step in range(max(len(p) for p in plans)):
-            active = torch.tensor([step < len(p) for p in plans])
+            active = torch.tensor([step < len(p) for p in plans], device=self.device)
             batch = self._batch(clients, [p[step] if step < len(p) else None for p in plans], generators, prototypes)
             grads, aux = self._grad(params, *batch)
             steps += active.float()
             with torch.no_grad():
                 self._step(params, grads, first, second, steps, active, anchor)
+            aux = {key: value.cpu() for key, value in aux.items()}  # one transfer, not one per number
             for index in torch.nonzero(active).flatten().tolist():
                 for key, value in aux.items():
                     if key == "router_usage":
@@ -360,7 +379,7 @@ class LocalTrainer:
         updates = []
         for index, client in enumerate(clients):
             metrics = {k: v / max(len(plans[index]), 1) for k, v in sums[index].items()}
-            state = {n: params[n][index].clone() for n in self.names}
+            state = {n: params[n][index].to("cpu", copy=True) for n in self.names}  # what travels: on the CPU
             shared = client.prototypes if (cfg.use_memory and cfg.use_prototypes) else None
             updates.append(ClientUpdate(state, client.num_samples, shared, metrics))
         return updates
@@ -404,7 +423,8 @@ class LocalTrainer:
 
     def _batch(self, clients: list[ClientData], rows: list[np.ndarray | None], generators: list[torch.Generator],
                prototypes: torch.Tensor | None) -> tuple:
-        """Padded ``[G, B, ...]`` tensors for one step (an inactive client gets an all-padding batch)."""
+        """Padded ``[G, B, ...]`` tensors for one step on the model's device (an inactive client gets an
+        all-padding batch); negatives are drawn on the CPU, by each client's generator, then moved."""
         cfg = self.config
         count, width = len(clients), max(len(r) for r in rows if r is not None)
         length = clients[0].inputs.shape[1]
@@ -412,7 +432,7 @@ class LocalTrainer:
         targets = np.zeros_like(inputs)
         # full softmax scores the whole catalogue: no negatives drawn (so none of the generator's draws)
         sampled = 0 if cfg.loss == "full_softmax" else cfg.num_negatives
-        negatives = torch.zeros((count, width, sampled), dtype=torch.long)
+        negatives = torch.zeros((count, width, sampled), dtype=torch.long, device=self.item_pool.device)
         memory_k = clients[0].memory.shape[1]
         memory = np.zeros((count, width, memory_k), dtype=np.int64)
         align = np.zeros((count, self.align_items), dtype=np.int64)
@@ -422,7 +442,8 @@ class LocalTrainer:
             n = len(picked)
             inputs[index, :n], targets[index, :n] = client.inputs[picked], client.targets[picked]
             if sampled:
-                draw = torch.randint(len(self.item_pool), (n, sampled), generator=generators[index])
+                draw = torch.randint(len(self.item_pool), (n, sampled), generator=generators[index],
+                                     device=generators[index].device)
                 negatives[index, :n] = self.item_pool[draw]
             if memory_k:
                 memory[index, :n] = client.memory[picked]
@@ -430,14 +451,18 @@ class LocalTrainer:
                 distinct = np.unique(client.targets[picked])
                 distinct = distinct[distinct != 0]
                 if len(distinct) > self.align_items:
-                    keep = torch.randperm(len(distinct), generator=generators[index])[:self.align_items].numpy()
+                    keep = torch.randperm(len(distinct), generator=generators[index],
+                                          device=generators[index].device)[:self.align_items].numpy()
                     distinct = distinct[np.sort(keep)]
                 align[index, :len(distinct)] = distinct
         memory_visual = memory_text = None
         if cfg.use_memory:
-            memory_visual, memory_text = self.content.memory(memory.reshape(count * width, memory_k), prototypes)
+            memory_visual, memory_text = self.content.memory(memory.reshape(count * width, memory_k), prototypes,
+                                                             self.device)
             memory_visual = None if memory_visual is None else memory_visual.view(count, width, *memory_visual.shape[1:])
             memory_text = None if memory_text is None else memory_text.view(count, width, *memory_text.shape[1:])
-        align_items = torch.from_numpy(align) if (cfg.use_memory and cfg.contrastive_lambda > 0) else None
-        return (torch.from_numpy(inputs), torch.from_numpy(targets), negatives, memory_visual, memory_text,
-                align_items)
+        device = self.device
+        align_items = torch.from_numpy(align).to(device) if (cfg.use_memory and cfg.contrastive_lambda > 0) else None
+        width = trim_padding(inputs)
+        return (torch.from_numpy(inputs[..., -width:]).to(device), torch.from_numpy(targets[..., -width:]).to(device),
+                negatives.to(device), memory_visual, memory_text, align_items)

@@ -39,7 +39,8 @@ ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 
 
 def gaussian_noise(like: dict[str, torch.Tensor], std: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Independent ``N(0, std^2)`` per coordinate, in float64, shaped like ``like`` (keys in sorted order)."""
-    return {key: torch.randn(like[key].shape, generator=generator, dtype=torch.float64) * std for key in sorted(like)}
+    return {key: torch.randn(like[key].shape, generator=generator, dtype=torch.float64, device=generator.device) * std
+            for key in sorted(like)}
 
 
 def poisson_sample(num_clients: int, rate: float, seed: int, round_number: int) -> np.ndarray:
@@ -91,7 +92,8 @@ class DPAggregator:
         self.global_state, self.clip_norm = global_state, float(clip_norm)
         self.noise_multiplier, self.expected = float(noise_multiplier), float(expected_clients)
         self.generator = generator
-        self.sums = {key: torch.zeros(value.shape, dtype=torch.float64) for key, value in global_state.items()}
+        self.sums = {key: torch.zeros(value.shape, dtype=torch.float64, device=value.device)
+                     for key, value in global_state.items()}
         self.norms: list[float] = []
 
     def add(self, state: dict[str, torch.Tensor], num_samples: int) -> None:

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from ..config import AGGREGATIONS, clients_per_round
+from ..config import AGGREGATIONS, round_size
 from .memory import kmeans
 
 ITEM_EMBEDDING_KEY = "sasrec.item_emb.weight"
@@ -24,11 +24,11 @@ ROBUST = ("trimmed_mean", "median")
 log = logging.getLogger(__name__)
 
 
-def sample_clients(num_clients: int, fraction: float, seed: int, round_number: int) -> np.ndarray:
+def sample_clients(num_clients: int, fraction: float, seed: int, round_number: int, count: int = 0) -> np.ndarray:
     """The clients of a round: a seeded draw, reproducible from (seed, round) alone."""
     if not 0 < fraction <= 1:
         raise ValueError(f"client_fraction must be in (0, 1], got {fraction}")
-    count = clients_per_round(num_clients, fraction)
+    count = round_size(num_clients, fraction, count)
     rng = np.random.default_rng([seed, round_number])
     return np.sort(rng.choice(num_clients, size=count, replace=False))
 
@@ -289,7 +289,7 @@ class RobustAggregator:
                 values = torch.where(changed[..., None], values, torch.inf)  # sorted past the real values
                 n = changed.sum(0)[:, None]
             else:
-                n = torch.full((1, 1), count)
+                n = torch.full((1, 1), count, device=glob.device)
             out.append(torch.where(n > 0, self._middle(values.sort(dim=0).values, n), base.double()))
         return torch.cat(out).reshape(reference.shape).to(reference.dtype)
 
@@ -300,7 +300,7 @@ class RobustAggregator:
         else:
             drop = torch.floor(n.double() * self.trim + 1e-9).long()
             lo, hi = drop, n - drop
-        ranks = torch.arange(ordered.shape[0]).view(-1, *[1] * (ordered.dim() - 1))
+        ranks = torch.arange(ordered.shape[0], device=ordered.device).view(-1, *[1] * (ordered.dim() - 1))
         keep = (ranks >= lo) & (ranks < hi)
         return torch.where(keep, ordered.double(), 0.0).sum(0) / keep.sum(0).clamp_min(1)
 
@@ -354,16 +354,32 @@ class ServerOptimizer:
     """
 
     KINDS = ("fedavg", "fedavgm", "fedadam")
+    SCHEDULES = ("constant", "cosine")
 
     def __init__(self, kind: str = "fedavg", learning_rate: float = 1.0, momentum: float = 0.9,
-                 beta2: float = 0.99, tau: float = 1e-3):
+                 beta2: float = 0.99, tau: float = 1e-3, schedule: str = "constant", num_rounds: int = 1,
+                 final_ratio: float = 0.0):
         if kind not in self.KINDS:
             raise ValueError(f"unknown server_optimizer {kind!r}; choose one of {self.KINDS}")
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"unknown server_lr_schedule {schedule!r}; choose one of {self.SCHEDULES}")
         self.kind, self.lr, self.momentum, self.beta2, self.tau = kind, learning_rate, momentum, beta2, tau
+        self.schedule, self.num_rounds, self.final_ratio = schedule, num_rounds, final_ratio
         self.state: dict[str, torch.Tensor] = {}
 
-    def step(self, global_state: dict[str, torch.Tensor], mean_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.kind == "fedavg" and self.lr == 1.0:
+    def learning_rate(self, round_number: int) -> float:
+        """The server step of a round. ``cosine`` anneals it from ``lr`` (round 1) to
+        ``final_ratio x lr`` (the last round): small cohorts make progress fast, but their
+        averaged update is noisy, and a shrinking step averages that noise out late in training."""
+        if self.schedule == "constant" or self.num_rounds <= 1:
+            return self.lr
+        progress = (round_number - 1) / (self.num_rounds - 1)
+        return self.lr * (self.final_ratio + (1 - self.final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def step(self, global_state: dict[str, torch.Tensor], mean_state: dict[str, torch.Tensor],
+             round_number: int = 1) -> dict[str, torch.Tensor]:
+        lr = self.learning_rate(round_number)
+        if self.kind == "fedavg" and lr == 1.0:
             return mean_state
         out = {}
         for key, mean in mean_state.items():
@@ -379,7 +395,7 @@ class ServerOptimizer:
                 second = self.beta2 * self.state.get("v." + key, torch.zeros_like(delta)) + (1 - self.beta2) * delta ** 2
                 self.state["m." + key], self.state["v." + key] = first, second
                 step = first / (second.sqrt() + self.tau)
-            out[key] = (global_state[key].double() + self.lr * step).to(global_state[key].dtype)
+            out[key] = (global_state[key].double() + lr * step).to(global_state[key].dtype)
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:

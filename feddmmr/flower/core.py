@@ -29,6 +29,7 @@ import torch
 from ..config import ConfigError, TrainConfig, apply_overrides, validate_config
 from ..data.dataset import SequenceDataset, load_dataset
 from ..data.parsing import TableColumns
+from ..devices import resolve_device
 from ..engine.assemble import LocalClients, assemble, client_seed, stage_config
 from ..evaluation import METRIC_NAMES
 from ..federation.client import pack_clients, unpack_clients
@@ -77,7 +78,7 @@ def train_config(run_config: Mapping) -> TrainConfig:
         raise ConfigError(f"run config: preset {config.preset!r} is for stage {config.stage}, not stage {stage}")
     overrides = {key: run_config[key] for key in TRAIN_KEYS
                  if key not in ("preset", "stage") and run_config.get(key, "") != ""}
-    config = apply_overrides(config, overrides, "run config")
+    config = apply_overrides(config, overrides, "run config", transport="flower")  # `device`: each node checks its own
     return validate_config(config, "run config", transport="flower",
                            secure_aggregation=bool(run_config.get("secure_aggregation", False)))
 
@@ -140,7 +141,9 @@ class NodeRuntime(LocalClients):
     """What a node process builds once per run: the data, the models, one trainer and its clients."""
 
     def __init__(self, config: TrainConfig, data: SequenceDataset, features: Path | None, init: Path | None):
-        super().__init__(assemble(config, data, features, init), {}, None)
+        # the run's `device` on this node's hardware: with `auto`, a node with a GPU trains and scores on it
+        device = resolve_device(config.device, "run config: config key 'device' on this node")
+        super().__init__(assemble(config, data, features, init, device), {}, None)
         self.config, self.data = config, data
         self.trainer = self.assembly.trainer()
         self.build_seconds = 0.0

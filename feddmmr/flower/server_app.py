@@ -1,6 +1,6 @@
 """The ServerApp: the in-process runner's round loop, over the Grid Message API.
 
-Per round: the same ``sample_clients(num_users, client_fraction, seed, round)``; the sampled
+Per round: the same ``sample_clients(num_users, client_fraction, seed, round, clients_per_round)``; the sampled
 users grouped by partition; one ``train`` message per node that has sampled users; the nodes'
 partial aggregates (each checked by ``check_update``) merged with ``Aggregator.merge`` in partition
 order, or, for ``median``/``trimmed_mean``/``clip_norm``, each client's update taken through the
@@ -320,7 +320,9 @@ def run_server(grid: Grid, run_config: dict) -> dict:
          f"{catalogue.num_items} item indices, data {catalogue.digest}"
          + (" | secure aggregation: SecAgg+" if secure_on else ""))
 
-    assembly = assemble(config, catalogue, path_setting("features", run_config), path_setting("init", run_config))
+    # the server only holds, aggregates and saves the global state: on the CPU, whatever `device` the nodes use
+    assembly = assemble(config, catalogue, path_setting("features", run_config), path_setting("init", run_config),
+                        device="cpu")
     flower = {"nodes": len(node_ids), "partition": "user % nodes", "data_fingerprint": catalogue.digest,
               "secure_aggregation": secure_on}
     run_dir.start(run_config_payload(config, assembly, catalogue.stats, flower=flower,

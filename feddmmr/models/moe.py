@@ -131,9 +131,15 @@ class UR4RecV2MoE(nn.Module):
         for name, param in self.named_parameters():
             param.requires_grad_(group_of(name) in groups)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live: every tensor fed to it is created there."""
+        return self.gating_weight.device
+
     def group_state(self, groups: tuple[str, ...] | list[str]) -> dict[str, torch.Tensor]:
-        """The state-dict entries of ``groups`` (what a client transmits)."""
-        return {k: v for k, v in self.state_dict().items() if group_of(k) in groups}
+        """The state-dict entries of ``groups`` (what a client transmits), on the CPU: what travels,
+        is aggregated and is saved never lives on an accelerator (on the CPU, the model's own tensors)."""
+        return {k: v.cpu() for k, v in self.state_dict().items() if group_of(k) in groups}
 
     def copy_state_(self, state: dict[str, torch.Tensor]) -> None:
         """Copy (part of) a state into this model's tensors in place: how a global state enters a model."""
@@ -177,10 +183,10 @@ class UR4RecV2MoE(nn.Module):
         """Attach the item feature tables ``[num_items, D]`` (zero rows = missing)."""
         for name, table, dim in (("item_visual", visual, self.visual_dim), ("item_text", text, self.text_dim)):
             if table is None:
-                table = torch.zeros(self.num_items, dim)
+                table = torch.zeros(self.num_items, dim, device=self.device)
             if tuple(table.shape) != (self.num_items, dim):
                 raise ValueError(f"{name} must be [{self.num_items}, {dim}], got {tuple(table.shape)}")
-            setattr(self, name, table.float().to(self.gating_weight.device))
+            setattr(self, name, table.float().to(self.device))
         self.proj_visual.set_statistics(self.item_visual)
         self.proj_text.set_statistics(self.item_text)
 

@@ -75,7 +75,9 @@ class SASRec(nn.Module):
         if length > self.max_len:
             raise ValueError(f"input length {length} exceeds max_seq_len={self.max_len}")
         real = input_seq != 0
-        positions = torch.arange(length, device=input_seq.device)
+        # right-aligned: the newest item always gets position max_len - 1, so a batch whose
+        # all-padding left columns were cut (``trim_padding``) computes what the full width does
+        positions = torch.arange(self.max_len - length, self.max_len, device=input_seq.device)
         x = self.item_emb(input_seq) * math.sqrt(self.hidden) + self.pos_emb(positions)
         x = self.emb_drop(x) * real.unsqueeze(-1)
         causal = torch.ones(length, length, dtype=torch.bool, device=input_seq.device).tril()
