@@ -11,6 +11,8 @@ The defaults are the pipeline's presets (``feddmmr pipeline``); the seed's own s
 Methods (``--only`` names), each trained/scored once per seed:
 
   popularity        training-split item counts (no learning)
+  content_knn       content-only item kNN: mean cosine of a candidate's centred text+poster features to the
+                    user's 10 most recent items (no learning; ``feddmmr.baselines.content_knn_scorer``)
   centralized       SASRec (the Stage 1 config) trained on every user's windows pooled (``run_centralized``)
   fedsasrec         Stage 1 federated (``--stage1-preset``); its run directory is the init of every Stage 3 run
   feddmmr_1_3       Stage 3 straight after Stage 1 (``--stage3-preset``)
@@ -83,6 +85,7 @@ NO_MEMORY_NOTE = ("LT memory off: lt_capacity=0 (nothing is ever written to the 
 # name -> (label, kind, preset option, dependency, ablation overrides, in the table)
 METHODS = {
     "popularity": ("Popularity", "popularity", None, None, {}, True),
+    "content_knn": ("Content kNN (text + posters, last 10)", "content_knn", None, None, {}, True),
     "centralized": ("Centralized SASRec", "centralized", "stage1_preset", None, {}, True),
     "fedsasrec": ("FedSASRec (Stage 1)", "federated", "stage1_preset", None, {}, True),
     "feddmmr_1_3": ("FedDMMR 1->3", "federated", "stage3_preset", "fedsasrec", {}, True),
@@ -253,6 +256,31 @@ def differing(a: dict | None, b: dict | None) -> list[str]:
 
 # --------------------------------------------------------------------------- one run
 
+BASELINES = ("popularity", "content_knn")  # scored, never trained
+
+
+def new_item_keys(args: argparse.Namespace | None) -> dict:
+    """The new-item protocol the trained runs use (their ``--set`` keys; defaults without)."""
+    from feddmmr.config import TrainConfig, apply_overrides, parse_sets
+
+    config = TrainConfig()
+    if args is not None:
+        sets = parse_sets(args.set)
+        apply_overrides(config, {k: v for k, v in sets.items() if k.startswith("cold_item_")}, "--set")
+    return {"cold_item_fraction": config.cold_item_fraction, "cold_item_seed": config.cold_item_seed}
+
+
+def baseline_scorer(kind: str, data, args: argparse.Namespace):
+    from feddmmr import baselines
+
+    if kind == "popularity":
+        return baselines.popularity_scorer(data)
+    from feddmmr.features.store import load_features
+
+    text, visual = load_features(Path(args.features), data.num_items)
+    return baselines.content_knn_scorer(data, visual.features.float(), text.features.float())
+
+
 def run_one(name: str, seed: int, args: argparse.Namespace, data, data_info: dict) -> dict:
     """Run (or skip) one method for one seed; returns its JSON record."""
     from feddmmr.federation import checkpoint as ckpt
@@ -260,15 +288,19 @@ def run_one(name: str, seed: int, args: argparse.Namespace, data, data_info: dic
     out = Path(args.out)
     path = json_path(out, name, seed)
     label, kind, preset_option, dependency, ablation, _ = METHODS[name]
-    config = run_config(name, seed, args) if kind != "popularity" else None
+    config = run_config(name, seed, args) if kind not in BASELINES else None
     spec = {"config": config.to_dict() if config else None,
             "epochs": args.epochs if kind == "centralized" else None}
+    if kind in BASELINES:  # the new-item protocol of the trained runs (--set), which the baselines face too
+        spec["protocol"] = new_item_keys(args)
     directory = run_dir(out, name, seed)
     existing = read_json(path)
     if existing is not None and not args.force:
         keys = differing(existing.get("config"), spec["config"])
         if existing.get("epochs") != spec["epochs"]:
             keys.append("epochs")
+        if kind in BASELINES and existing.get("protocol", new_item_keys(None)) != spec["protocol"]:
+            keys.append("protocol")
         if keys:
             raise SystemExit(f"bench/quality.py: error: {path} was written with a different config "
                              f"(keys {keys}); use another --out or --force")
@@ -284,13 +316,13 @@ def run_one(name: str, seed: int, args: argparse.Namespace, data, data_info: dic
               "preset": config.preset if config else None, **spec,
               "init": str(init) if init else None, "top_users": args.top_users, "quick": bool(args.quick),
               "set": list(args.set), "ablation": {k: v for k, v in ablation.items()}, "data": data_info}
-    if kind == "popularity":
-        from feddmmr.baselines import popularity_scorer
+    if kind in BASELINES:
         from feddmmr.evaluation import PROTOCOLS, evaluate
 
-        scorer = popularity_scorer(data)
-        final = {f"{split}_{protocol}": evaluate(scorer, data, split, protocol, seed=seed, cache_dir=out / "cache",
-                                                 num_negatives=100)
+        scored = data.with_cold_items(spec["protocol"]["cold_item_fraction"], spec["protocol"]["cold_item_seed"])
+        scorer = baseline_scorer(kind, scored, args)
+        final = {f"{split}_{protocol}": evaluate(scorer, scored, split, protocol, seed=seed, cache_dir=out / "cache",
+                                                 num_negatives=100, batch_size=256)
                  for split in ("val", "test") for protocol in PROTOCOLS}
         record.update(final=final, best_round=None, val_curve=[], train_seconds=0.0, memory_build_seconds=0.0)
     else:
@@ -387,6 +419,13 @@ def results_table(records: dict[str, list[dict]], args: argparse.Namespace, info
         for protocol in ("sampled", "full"):
             cells = " | ".join(mean_std([r["final"][f"test_{protocol}"][m] for r in runs]) for m in METRIC_NAMES)
             lines.append(f"| {METHODS[name][0]} | {protocol} | {len(runs)} | {best} | {cells} | {seconds:.0f} |")
+            for kind in ("warm", "new"):  # the new-item protocol: users by test-target type
+                groups = [r["final"][f"test_{protocol}"].get(kind) for r in runs]
+                if all(g and g["users"] for g in groups):
+                    cells = " | ".join(mean_std([g[m] for g in groups]) for m in METRIC_NAMES)
+                    users = "/".join(str(g["users"]) for g in groups)
+                    lines.append(f"| {METHODS[name][0]} | {protocol}, {kind} targets ({users} users) | {len(runs)} | "
+                                 f"{best} | {cells} | {seconds:.0f} |")
     for label, figures in SEED_FIGURES.items():  # beside ours, as the seed's README gives them
         cells = " | ".join(figures.get(m, "-") for m in METRIC_NAMES)
         lines.append(f"| {label} | its sampled protocol | - | - | {cells} | - |")
@@ -482,8 +521,8 @@ def run_quality(args: argparse.Namespace) -> str:
     data_info = data.stats()
     log.info("data: %s", json.dumps(data_info))
     names = with_dependencies(args.only or list(METHODS))
-    needs_features = any(run_config(n, args.seeds[0], args).use_memory for n in names
-                         if METHODS[n][1] != "popularity")
+    needs_features = "content_knn" in names or any(run_config(n, args.seeds[0], args).use_memory for n in names
+                                                   if METHODS[n][1] not in BASELINES)
     if needs_features:
         ensure_features(data, args.data, Path(args.features), not args.no_progress)
     records: dict[str, list[dict]] = {name: [] for name in names}

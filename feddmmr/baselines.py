@@ -19,3 +19,51 @@ def popularity_scorer(data: SequenceDataset) -> ScoreFn:
         return counts[items]
 
     return score
+
+
+CONTENT_MODALITIES = ("both", "text", "visual")
+
+
+def content_item_vectors(data: SequenceDataset, visual: torch.Tensor | None, text: torch.Tensor | None,
+                         modality: str = "both", center: bool = True) -> torch.Tensor:
+    """``[num_items, D]`` unit item vectors from their content features (zero row: no features).
+
+    Each modality is L2-normalised; with ``center`` the mean over the warm items that have the
+    modality is subtracted first (raw features share a large common direction, so uncentred cosines
+    mostly measure how typical an item is); the modalities present are concatenated and normalised.
+    """
+    if modality not in CONTENT_MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; choose one of {CONTENT_MODALITIES}")
+    tables = {"visual": visual, "text": text}
+    chosen = [tables[m] for m in (("visual", "text") if modality == "both" else (modality,)) if tables[m] is not None]
+    if not chosen:
+        raise ValueError(f"content kNN ({modality}) needs item features; none were given")
+    warm = torch.from_numpy(data.warm_items())
+    parts = []
+    for table in chosen:
+        table = torch.nn.functional.normalize(table.double(), dim=-1)
+        present = table.norm(dim=-1) > 0
+        if center:
+            rows = warm[present[warm]]
+            table = torch.where(present[:, None], table - table[rows].mean(0), torch.zeros_like(table))
+            table = torch.nn.functional.normalize(table, dim=-1)
+        parts.append(table)
+    return torch.nn.functional.normalize(torch.cat(parts, dim=-1), dim=-1)
+
+
+def content_knn_scorer(data: SequenceDataset, visual: torch.Tensor | None, text: torch.Tensor | None,
+                       last: int = 10, modality: str = "both", center: bool = True) -> ScoreFn:
+    """Content-only item kNN: a candidate's score is its mean cosine similarity (content features,
+    :func:`content_item_vectors`) to the user's ``last`` most recent input items. Needs no training,
+    so it scores new items exactly as warm ones."""
+    vectors = content_item_vectors(data, visual, text, modality, center)
+
+    def score(users: np.ndarray, seq: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+        recent = seq[:, -last:]
+        weight = (recent != 0).double()
+        profile = (vectors[recent] * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp_min(1.0)
+        if items is None:
+            return profile @ vectors.T
+        return (vectors[items] * profile[:, None, :]).sum(-1)
+
+    return score

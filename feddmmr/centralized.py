@@ -20,6 +20,7 @@ from .engine.assemble import LocalClients, assemble
 from .engine.loop import finish
 from .engine.run_dir import RunDir, run_config_payload
 from .evaluation import VALIDATION_BATCH, format_metrics
+from .federation.client import learning_rates
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,12 @@ def run_centralized(config: TrainConfig, data: SequenceDataset, out_dir: Path, e
     inputs = np.concatenate([c.inputs for c in clients.values()])
     targets = np.concatenate([c.targets for c in clients.values()])
     memory = np.concatenate([c.memory for c in clients.values()])
-    pool = torch.from_numpy(data.occurring_items())
+    pool = torch.from_numpy(assembly.data.warm_items())
     model.set_trainable(config.transmitted_groups)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
-                                 weight_decay=config.weight_decay)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    rates = learning_rates([n for n, _ in trained], config)
+    optimizer = torch.optim.Adam([{"params": [p for n, p in trained if rates[n] == lr], "lr": lr}
+                                  for lr in sorted(set(rates.values()))], weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     local = LocalClients(assembly, clients, out_dir / "cache")
     run_dir = RunDir(out_dir, resume_points=False)

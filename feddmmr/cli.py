@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .baselines import popularity_scorer
+from .baselines import content_knn_scorer, popularity_scorer
 from .cli_args import add_data_args, add_device_arg, columns_from_args, emit, int_at_least, load_from_args
 from .config import ConfigError, apply_overrides, parse_sets
 from .data.dataset import last_n_padded, why_absent
@@ -19,6 +19,7 @@ from .data.readers import read_interactions
 from .engine.assemble import restore, stage_config
 from .evaluation import evaluate
 from .features.cli import add_features_parser
+from .features.store import load_features
 from .federation.checkpoint import read_run_config
 from .federation.server import TooFewClients
 from .models import CheckpointError
@@ -48,11 +49,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             args.top_users = _run_top_users(args.checkpoint)
         data = load_from_args(args)
         run = restore(args.checkpoint, data, args.features, args.device)
+        data = run.data  # under the run's new-item protocol, if it has one
         scorer, name, max_len = run.scorer(args.split), str(args.checkpoint), run.config.max_seq_len
         seed, device = (run.config.seed if args.seed is None else args.seed), run.model.device
     else:
         data = load_from_args(args)
-        scorer, name, max_len, seed, device = popularity_scorer(data), args.model, 50, args.seed or 0, "cpu"
+        scorer, name, max_len, seed = baseline_scorer(args.model, data, args.features), args.model, 50, args.seed or 0
+        device = "cpu"
     results = []
     for protocol in _protocols(args.protocol):
         negatives = run.config.eval_negatives if args.checkpoint is not None else 100
@@ -62,6 +65,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         results.append(result)
     emit(results[0] if len(results) == 1 else {"results": results}, args.json)
     return 0
+
+
+def baseline_scorer(model: str, data, features: Path | None):
+    if model == "popularity":
+        return popularity_scorer(data)
+    if features is None:
+        raise ValueError("--model content_knn reads item features: pass --features DIR")
+    text, visual = load_features(features, data.num_items)
+    return content_knn_scorer(data, visual.features.float(), text.features.float())
 
 
 def _run_top_users(run_dir: Path) -> int | None:
@@ -149,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(ev)
     ev.add_argument("--checkpoint", type=Path, default=None, help="a run directory written by `feddmmr train`")
     ev.add_argument("--features", type=Path, default=None, help="feature folder (default: the run's)")
-    ev.add_argument("--model", default="popularity", choices=["popularity"], help="without --checkpoint")
+    ev.add_argument("--model", default="popularity", choices=["popularity", "content_knn"],
+                    help="without --checkpoint: popularity, or content_knn (needs --features)")
     ev.add_argument("--protocol", choices=["full", "sampled", "both"], default="both")
     ev.add_argument("--split", choices=["val", "test"], default="test")
     ev.add_argument("--seed", type=int_at_least(0), default=None,

@@ -62,6 +62,8 @@ class TrainConfig:
     resident_clients: bool = True  # False: build a round's clients when sampled, keep only the users' eval memory
     # data
     top_users: int | None = 1000
+    cold_item_fraction: float = 0.0  # > 0: the new-item protocol (SequenceDataset.with_cold_items), [0, 1)
+    cold_item_seed: int = 0  # which items are new; the same for every training seed unless changed
     # model (seed names)
     sasrec_hidden_dim: int = 128
     sasrec_num_blocks: int = 2
@@ -74,6 +76,8 @@ class TrainConfig:
     contrastive_lambda: float = 0.5
     load_balance_lambda: float = 0.01
     contrastive_temperature: float = 0.07
+    standardise_features: bool = False  # z-score item features per dimension before the projectors (moe.Projector)
+    new_group_lr_multiplier: float = 1.0  # local learning rate x this for projectors, experts, router and gate
     # multimodal inputs and memory (SPEC §4)
     use_memory: bool = False
     use_visual: bool = True
@@ -114,7 +118,8 @@ class TrainConfig:
                     max_seq_len=self.max_seq_len, moe_num_heads=self.moe_num_heads, visual_dim=visual_dim,
                     text_dim=text_dim, dropout=self.dropout, gating_init=self.gating_init,
                     contrastive_lambda=self.contrastive_lambda, load_balance_lambda=self.load_balance_lambda,
-                    contrastive_temperature=self.contrastive_temperature)
+                    contrastive_temperature=self.contrastive_temperature,
+                    **({"standardise_features": True} if self.standardise_features else {}))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,10 +167,11 @@ RANGES: dict[str, Range] = {
     "server_learning_rate": STRICTLY_POSITIVE, "server_momentum": Range(0, 1, open_high=True),
     "server_lr_final_ratio": FRACTION,
     "eval_every": POSITIVE, "eval_negatives": POSITIVE, "eval_users": NON_NEGATIVE, "final_users": NON_NEGATIVE, "seed": Range(0, 2**32 - 1), "top_users": POSITIVE,
+    "cold_item_fraction": Range(0, 1, open_high=True), "cold_item_seed": Range(0, 2**32 - 1),
     "sasrec_hidden_dim": POSITIVE, "sasrec_num_blocks": POSITIVE, "sasrec_num_heads": POSITIVE,
     "max_seq_len": POSITIVE, "moe_num_heads": POSITIVE, "dropout": Range(0, 1, open_high=True),
     "gating_init": NON_NEGATIVE, "contrastive_lambda": NON_NEGATIVE, "load_balance_lambda": NON_NEGATIVE,
-    "contrastive_temperature": STRICTLY_POSITIVE, "memory_top_k": POSITIVE, "st_window": POSITIVE,
+    "contrastive_temperature": STRICTLY_POSITIVE, "new_group_lr_multiplier": STRICTLY_POSITIVE, "memory_top_k": POSITIVE, "st_window": POSITIVE,
     "lt_capacity": NON_NEGATIVE, "novelty_threshold": Range(None, 1), "novelty_quantile": FRACTION,
     "duplicate_threshold": Range(-1, 1), "recency_half_life": STRICTLY_POSITIVE, "recency_weight": FRACTION,
     "st_fraction": FRACTION, "num_prototypes": POSITIVE, "num_global_prototypes": POSITIVE,
@@ -334,6 +340,8 @@ def _check_flower(config: TrainConfig, source: str, secure_aggregation: bool) ->
         problems.append(f"attack={config.attack!r} (in-process fault injection)")
     if config.client_dropout > 0:
         problems.append("client_dropout > 0 (in-process fault injection; on Flower, stop a SuperNode instead)")
+    if config.cold_item_fraction > 0:
+        problems.append("cold_item_fraction > 0 (the new-item protocol; in-process only for now)")
     if config.dp_enabled:
         problems.append("differential privacy (dp_noise_multiplier / dp_target_epsilon; in-process only: "
                         "`feddmmr train --set dp_...`)")

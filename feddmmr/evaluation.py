@@ -9,6 +9,10 @@ Protocols:
 
 Ties are ranked pessimistically (an item scoring the same as the target counts as ahead of
 it), so a constant scorer cannot look good.
+
+Under the new-item protocol (``SequenceDataset.with_cold_items``) every result also holds the
+metrics of the users whose target is a warm item (``"warm"``) and of those whose target is a new
+item (``"new"``); the two groups partition the users scored.
 """
 
 from __future__ import annotations
@@ -184,8 +188,25 @@ def evaluate(score_fn: ScoreFn, data: SequenceDataset, split: str = "val", proto
         result.update(seed=int(seed), negatives=int(num_negatives))
     else:
         result.update(exclude_history=bool(exclude_history))
-    result.update(metrics_from_ranks(torch.cat(all_ranks)))
+    ranks = torch.cat(all_ranks)
+    result.update(metrics_from_ranks(ranks))
+    if data.cold_items is not None:
+        result.update(by_target_type(ranks, data.is_cold(targets[users])))
     return result
+
+
+TARGET_TYPES = ("warm", "new")
+
+
+def by_target_type(ranks: torch.Tensor, new: np.ndarray) -> dict[str, dict]:
+    """``{"warm": {"users": n, metrics...}, "new": {...}}``: the metrics of each group of users by target
+    type (a group without users has only ``"users": 0``)."""
+    new = torch.from_numpy(np.asarray(new, dtype=bool))
+    out = {}
+    for name, members in zip(TARGET_TYPES, (~new, new)):
+        count = int(members.sum())
+        out[name] = {"users": count, **(metrics_from_ranks(ranks[members]) if count else {})}
+    return out
 
 
 def blocked_ranks(score_fn: ScoreFn, rows: np.ndarray, seq: torch.Tensor, target: torch.Tensor,
@@ -209,4 +230,9 @@ def blocked_ranks(score_fn: ScoreFn, rows: np.ndarray, seq: torch.Tensor, target
 def format_metrics(result: dict) -> str:
     """One line: protocol, split and the headline metrics."""
     head = f"[{result['protocol']}/{result['split']}]"
-    return head + " " + " ".join(f"{name}={result[name]:.4f}" for name in METRIC_NAMES if name in result)
+    line = head + " " + " ".join(f"{name}={result[name]:.4f}" for name in METRIC_NAMES if name in result)
+    for kind in TARGET_TYPES:
+        if kind in result and result[kind]["users"]:
+            group = result[kind]
+            line += f" | {kind} ({group['users']} users) HR@10={group['HR@10']:.4f} NDCG@10={group['NDCG@10']:.4f}"
+    return line

@@ -12,6 +12,7 @@ from pathlib import Path
 from .baselines import popularity_scorer
 from .config import TrainConfig, apply_overrides, load_preset
 from .data.dataset import SequenceDataset
+from .engine.assemble import data_for
 from .evaluation import METRIC_NAMES, evaluate, format_metrics
 from .features.extract import run_extract
 from .features.store import FeatureError, load_features
@@ -76,8 +77,9 @@ def run_pipeline(data: SequenceDataset, data_path: Path, out: Path, features: Pa
     if (note := modality_note(summary)) is not None:
         log.warning("%s", note)
     report = {"data": stats, "features": summary, "seed": seed, "runs": {}}
+    scored = data_for(configs[0][1], data)  # the baselines face the runs' new-item protocol, if any
     for protocol in ("sampled", "full"):
-        result = evaluate(popularity_scorer(data), data, "test", protocol, seed=seed, cache_dir=out / "cache",
+        result = evaluate(popularity_scorer(scored), scored, "test", protocol, seed=seed, cache_dir=out / "cache",
                           num_negatives=configs[0][1].eval_negatives)
         report["runs"].setdefault("popularity", {})[f"test_{protocol}"] = result
         print("popularity " + format_metrics(result))
@@ -121,4 +123,10 @@ def markdown_report(report: dict) -> str:
             result = run[f"test_{protocol}"]
             cells = " | ".join(f"{result[m]:.4f}" for m in METRIC_NAMES)
             lines.append(f"| {name} | {protocol} | {run.get('best_round', '-')} | {cells} |")
+            for kind in ("warm", "new"):  # the new-item protocol: users by test-target type
+                group = result.get(kind)
+                if group and group["users"]:
+                    cells = " | ".join(f"{group[m]:.4f}" for m in METRIC_NAMES)
+                    lines.append(f"| {name} | {protocol}, {kind} targets ({group['users']} users) | "
+                                 f"{run.get('best_round', '-')} | {cells} |")
     return "\n".join(lines) + "\n"

@@ -93,7 +93,7 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
     if not config.resident_clients:
         transport = InProcess.on_demand(assembly, out_dir / "cache")
     elif point is not None and point.clients:  # the saved memories, not a rebuild (checked by digest)
-        clients = unpack_clients(point.clients, data, config.max_seq_len, assembly.memory_config, assembly.space)
+        clients = unpack_clients(point.clients, assembly.data, config.max_seq_len, assembly.memory_config, assembly.space)
         transport = InProcess(assembly, clients, out_dir / "cache", (point.clients, point.clients_digest))
     else:
         transport = InProcess(assembly, assembly.build_clients(progress=progress), out_dir / "cache")

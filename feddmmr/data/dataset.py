@@ -6,6 +6,7 @@ vectorised slice, never a Python loop over users.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ class SequenceDataset:
     dropped_users: int = 0
     item_texts: dict = field(default_factory=dict)  # item index -> text, from the dataset's item file
     item_file: str | None = None  # that item file (None: none, or ML-1M whose texts come from movies.dat)
+    cold_items: np.ndarray | None = None  # new items (``with_cold_items``): removed from every history, test targets only
+    catalogue: np.ndarray | None = None  # the candidate universe when it is not ``unique(items)`` (new items)
 
     @property
     def num_users(self) -> int:
@@ -50,8 +53,50 @@ class SequenceDataset:
         return self.items[self.offsets[user]:self.offsets[user + 1]]
 
     def occurring_items(self) -> np.ndarray:
-        """Item indices that occur in at least one sequence (the candidate universe)."""
-        return np.unique(self.items)
+        """Item indices that occur in at least one sequence (the candidate universe).
+
+        With new items (:meth:`with_cold_items`) the universe stays the catalogue before they were
+        removed: a new item is a candidate even where it is nobody's test target."""
+        return self.catalogue if self.catalogue is not None else np.unique(self.items)
+
+    def warm_items(self) -> np.ndarray:
+        """The items training may see (as inputs, targets, negatives or memory): all but the new ones."""
+        items = self.occurring_items()
+        return items if self.cold_items is None else items[~np.isin(items, self.cold_items)]
+
+    def with_cold_items(self, fraction: float, seed: int = 0) -> "SequenceDataset":
+        """The new-item (cold-start) protocol: a seeded ``fraction`` of the occurring items becomes *new*.
+
+        A new item is removed from every user's history (so from training windows, memory, prototypes,
+        the validation split and every input sequence) but stays a candidate, and a user whose last
+        interaction (the test target) is a new item keeps it as the test target: validation targets
+        and every input are warm, test targets are warm or new. ``fraction`` 0 returns ``self``.
+        """
+        if fraction <= 0:
+            return self
+        occurring = self.occurring_items()
+        count = int(round(fraction * len(occurring)))
+        cold = np.sort(np.random.default_rng(seed).choice(occurring, size=count, replace=False)).astype(np.int64)
+        if self.cold_items is not None:
+            if np.array_equal(cold, self.cold_items):
+                return self
+            raise ValueError("the dataset already has another set of new items")
+        keep = ~np.isin(self.items, cold)
+        keep[self.offsets[1:] - 1] = True  # the test target may be new
+        lengths = np.add.reduceat(keep.astype(np.int64), self.offsets[:-1]) if len(self.items) else self.lengths
+        short = np.flatnonzero(lengths < MIN_INTERACTIONS)
+        if len(short):
+            raise DataError(self.source, f"user {self.user_ids[short[0]]} has {lengths[short[0]]} interaction(s) "
+                                         f"left once the new items (cold_item_fraction={fraction}) are removed; "
+                                         f"at least {MIN_INTERACTIONS} are needed")
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return dataclasses.replace(self, items=self.items[keep], offsets=offsets, cold_items=cold,
+                                   catalogue=occurring)
+
+    def is_cold(self, items: np.ndarray) -> np.ndarray:
+        """Bool per item: is it a new item (always False without the new-item protocol)."""
+        items = np.asarray(items)
+        return np.zeros(items.shape, dtype=bool) if self.cold_items is None else np.isin(items, self.cold_items)
 
     def fingerprint(self) -> str:
         """Content hash: caches keyed by it are invalid as soon as the data changes."""
@@ -59,6 +104,9 @@ class SequenceDataset:
         for array in (self.items, self.offsets):
             digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
         digest.update(str(self.num_items).encode())
+        if self.cold_items is not None:  # new items: the candidate universe is not the sequences' items
+            digest.update(b"cold")
+            digest.update(np.ascontiguousarray(self.cold_items, dtype=np.int64).tobytes())
         return digest.hexdigest()[:16]
 
     # ------------------------------------------------------------------ leave-one-out split
@@ -116,6 +164,9 @@ class SequenceDataset:
             "max_seq_len": int(lengths.max()),
             "mean_seq_len": round(float(lengths.mean()), 2),
             "dropped_users": int(self.dropped_users),
+            **({"new_items": int(len(self.cold_items)),
+                "new_test_targets": int(self.is_cold(self.split_bounds("test")[2]).sum())}
+               if self.cold_items is not None else {}),
         }
 
     def save_item_mapping(self, path: Path) -> None:

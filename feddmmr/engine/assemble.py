@@ -50,7 +50,7 @@ class Assembly:
 
     def trainer(self) -> LocalTrainer:
         """One local trainer on a copy of the global model (clients never touch the server's model)."""
-        return LocalTrainer(copy.deepcopy(self.model), self.config, self.content, self.data.occurring_items())
+        return LocalTrainer(copy.deepcopy(self.model), self.config, self.content, self.data.warm_items())
 
 
 def load_content(config: TrainConfig, features_dir: Path | None, num_items: int) -> tuple[ItemContent, dict, int, int]:
@@ -76,7 +76,12 @@ def assemble(config: TrainConfig, data: SequenceDataset, features_dir: Path | No
     """The global model (initialised from the seed, then the previous stage's groups) and the item content.
 
     The model is built on the CPU (the same initial weights on any device), then moved to ``device``
-    (default: the config's ``device``, resolved here); the item content stays on the CPU."""
+    (default: the config's ``device``, resolved here); the item content stays on the CPU.
+    ``Assembly.data`` is ``data`` under the config's new-item protocol (``cold_item_fraction``): every
+    part of a run (clients, negatives, evaluation) reads it, never the ``data`` passed in."""
+    data = data_for(config, data)
+    if init_dir is not None:
+        check_same_new_items(config, Path(init_dir))
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     content, meta, visual_dim, text_dim = load_content(config, features_dir, data.num_items)
@@ -96,6 +101,29 @@ def assemble(config: TrainConfig, data: SequenceDataset, features_dir: Path | No
     space, memory_config = _memory_parts(config, content)
     return Assembly(config, data, model, content, space, memory_config, meta, trained,
                     str(init_dir) if init_dir is not None else None)
+
+
+def data_for(config: TrainConfig, data: SequenceDataset) -> SequenceDataset:
+    """``data`` as a run with ``config`` sees it: its new items removed (``cold_item_fraction`` > 0)."""
+    if config.cold_item_fraction <= 0:  # (the Flower server's stand-in catalogue has no sequences)
+        return data
+    return data.with_cold_items(config.cold_item_fraction, config.cold_item_seed)
+
+
+NEW_ITEM_KEYS = ("cold_item_fraction", "cold_item_seed")
+
+
+def check_same_new_items(config: TrainConfig, init_dir: Path) -> None:
+    """A stage must hold out the same new items as the stage it starts from (else they leak into training)."""
+    saved = ckpt.read_run_config(init_dir)["train"]
+    default = TrainConfig()
+    theirs = {k: saved.get(k, getattr(default, k)) for k in NEW_ITEM_KEYS}
+    ours = {k: getattr(config, k) for k in NEW_ITEM_KEYS}
+    if theirs["cold_item_fraction"] == 0 == ours["cold_item_fraction"]:
+        return
+    if theirs != ours:
+        raise CheckpointError(f"{init_dir} was trained with {theirs}, this stage has {ours}: the new items must be "
+                              "the same in every stage (set cold_item_fraction and cold_item_seed alike)")
 
 
 def _memory_parts(config: TrainConfig, content: ItemContent) -> tuple[ItemSpace | None, MemoryConfig | None]:
@@ -174,6 +202,7 @@ class TrainedRun:
     content: ItemContent
     clients: dict[int, ClientData]
     prototypes: torch.Tensor | None
+    data: SequenceDataset  # the data as the run saw it (its new items removed); score with this one
 
     def scorer(self, split: str) -> ScoreFn:
         memory_ids = eval_memory(self.clients, split, len(self.clients), self.config.memory_top_k,
@@ -188,6 +217,7 @@ def restore(run_dir: Path, data: SequenceDataset, features_dir: Path | None = No
     run_dir = Path(run_dir)
     model, saved = ckpt.load_model(run_dir)
     config = apply_overrides(TrainConfig(), {**saved["train"], "device": device}, str(run_dir / ckpt.CONFIG_FILE))
+    data = data_for(config, data)
     model.to(resolve_device(config.device))
     if saved["model"]["num_items"] != data.num_items:
         raise CheckpointError(f"{run_dir}: the model has {saved['model']['num_items']} item indices, the data "
@@ -201,7 +231,7 @@ def restore(run_dir: Path, data: SequenceDataset, features_dir: Path | None = No
     prototypes = None
     if (run_dir / ckpt.BEST_PROTOTYPES_FILE).exists():
         prototypes = torch.from_numpy(load_npy(run_dir / ckpt.BEST_PROTOTYPES_FILE, kind="f", ndim=2))
-    return TrainedRun(model, config, content, clients, prototypes)
+    return TrainedRun(model, config, content, clients, prototypes, data)
 
 
 class LocalClients:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..data.dataset import SequenceDataset, last_n_padded, trim_padding
 from ..models import UR4RecV2MoE
+from ..models.groups import group_of
 from .memory import ItemSpace, LocalMemory, MemoryConfig, client_threshold, novelty
 
 
@@ -240,6 +241,17 @@ def catalogue_mask(num_items: int, item_pool, device: torch.device | str = "cpu"
     return mask
 
 
+NEW_GROUPS = ("projectors", "experts", "router", "gate")  # what Stage 3 adds to a Stage 1 model
+
+
+def learning_rates(names: list[str], config) -> dict[str, float]:
+    """Each parameter's local learning rate: ``learning_rate``, times ``new_group_lr_multiplier`` for
+    the groups Stage 3 adds (fresh parameters that one or two Adam steps a round barely move)."""
+    multiplier = config.new_group_lr_multiplier
+    return {name: config.learning_rate * multiplier if multiplier != 1.0 and group_of(name) in NEW_GROUPS
+            else config.learning_rate for name in names}
+
+
 class _Losses(nn.Module):
     """Exposes ``model.losses`` as a forward so ``torch.func.functional_call`` can drive it."""
 
@@ -287,6 +299,7 @@ class LocalTrainer:
         groups = list(config.transmitted_groups)
         model.set_trainable(groups)
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self.lrs = learning_rates(self.names, config)
         if not self.names:
             raise ValueError(f"stage trains no parameters (trainable_groups={config.trainable_groups})")
         self.wrapper = _Losses(model, not config.update_negative_items, config.loss,
@@ -411,24 +424,24 @@ class LocalTrainer:
                 g.add_(p - anchor[name], alpha=cfg.fedprox_mu)
             if uniform:
                 if cfg.local_optimizer == "sgd":
-                    p.sub_(g, alpha=cfg.learning_rate)
+                    p.sub_(g, alpha=self.lrs[name])
                     continue
                 t = float(steps[0])
                 m, v = first[name], second[name]
                 m.mul_(b1).add_(g, alpha=1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 denom = v.sqrt().div_(math.sqrt(1 - b2 ** t)).add_(self.eps)
-                p.addcdiv_(m, denom, value=-cfg.learning_rate / (1 - b1 ** t))
+                p.addcdiv_(m, denom, value=-self.lrs[name] / (1 - b1 ** t))
                 continue
             on = active.view(-1, *[1] * (p.dim() - 1))
             if cfg.local_optimizer == "sgd":
-                params[name] = torch.where(on, p - cfg.learning_rate * g, p)
+                params[name] = torch.where(on, p - self.lrs[name] * g, p)
                 continue
             first[name] = torch.where(on, b1 * first[name] + (1 - b1) * g, first[name])
             second[name] = torch.where(on, b2 * second[name] + (1 - b2) * g * g, second[name])
             t = steps.clamp_min(1).view_as(on.float())
             denom = (second[name] / (1 - b2 ** t)).sqrt() + self.eps
-            params[name] = torch.where(on, p - cfg.learning_rate * (first[name] / (1 - b1 ** t)) / denom, p)
+            params[name] = torch.where(on, p - self.lrs[name] * (first[name] / (1 - b1 ** t)) / denom, p)
 
     def _batch(self, clients: list[ClientData], rows: list[np.ndarray | None], generators: list[torch.Generator],
                prototypes: torch.Tensor | None) -> tuple:

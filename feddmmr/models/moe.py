@@ -62,6 +62,34 @@ class MemoryAttention(nn.Module):
         return self.out((weights @ v).transpose(1, 2).reshape(batch, cands, hidden))
 
 
+class Projector(nn.Sequential):
+    """An item feature projector ``Linear -> GELU -> Linear``; with ``standardise`` its input is first
+    z-scored per dimension (``shift``/``scale``: the catalogue's feature statistics, set by
+    ``UR4RecV2MoE.set_item_features``; buffers outside the state dict, like the feature tables).
+
+    Unit-norm features in 1,280 or 384 dimensions are tiny per coordinate, so at the default
+    initialisation the output is almost the last layer's bias, the same vector for every item
+    (docs/quality-memory.md); standardised inputs are spread over every dimension."""
+
+    def __init__(self, in_dim: int, hidden: int, standardise: bool = False):
+        super().__init__(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.standardise = standardise
+        self.register_buffer("shift", torch.zeros(in_dim), persistent=False)
+        self.register_buffer("scale", torch.ones(in_dim), persistent=False)
+
+    def set_statistics(self, table: torch.Tensor) -> None:
+        """Mean and std per dimension over the rows of ``table`` that are present (not all zero)."""
+        rows = table[_present(table)]
+        if len(rows) >= 2:
+            self.shift = rows.mean(0).to(self.shift)
+            self.scale = rows.std(0).clamp_min(1e-6).to(self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.standardise:
+            x = (x - self.shift) / self.scale
+        return super().forward(x)
+
+
 class UR4RecV2MoE(nn.Module):
     """The seed's model class and constructor names; see the module docstring for the maths."""
 
@@ -70,7 +98,7 @@ class UR4RecV2MoE(nn.Module):
                  visual_dim: int = 512, text_dim: int = 384, dropout: float = 0.1,
                  gating_init: float = 0.01, contrastive_lambda: float = 0.5,
                  load_balance_lambda: float = 0.01, contrastive_temperature: float = 0.07,
-                 visual_expert_heads: int = 1):
+                 visual_expert_heads: int = 1, standardise_features: bool = False):
         super().__init__()
         hidden = sasrec_hidden_dim
         self.num_items, self.hidden, self.max_seq_len = num_items, hidden, max_seq_len
@@ -78,8 +106,8 @@ class UR4RecV2MoE(nn.Module):
         self.contrastive_lambda, self.load_balance_lambda = contrastive_lambda, load_balance_lambda
         self.temperature = contrastive_temperature
         self.sasrec = SASRec(num_items, hidden, sasrec_num_blocks, sasrec_num_heads, max_seq_len, dropout)
-        self.proj_visual = nn.Sequential(nn.Linear(visual_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        self.proj_text = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.proj_visual = Projector(visual_dim, hidden, standardise_features)
+        self.proj_text = Projector(text_dim, hidden, standardise_features)
         self.visual_expert = MemoryAttention(hidden, visual_expert_heads)
         self.semantic_expert = MemoryAttention(hidden, moe_num_heads)
         self.vis_ln, self.sem_ln = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
@@ -159,6 +187,8 @@ class UR4RecV2MoE(nn.Module):
             if tuple(table.shape) != (self.num_items, dim):
                 raise ValueError(f"{name} must be [{self.num_items}, {dim}], got {tuple(table.shape)}")
             setattr(self, name, table.float().to(self.device))
+        self.proj_visual.set_statistics(self.item_visual)
+        self.proj_text.set_statistics(self.item_text)
 
     def _lookup(self, table: torch.Tensor, items: torch.Tensor, dim: int) -> torch.Tensor:
         if table.shape[0] == 0:
