@@ -285,6 +285,11 @@ class LocalTrainer:
 
     ``client_batch`` clients share a vmapped step: a larger group amortises more overhead but keeps
     more activations alive at once (measured trade-off: docs/performance.md).
+
+    A client trains only the item-embedding rows its batches name (inputs, targets, negatives) when
+    that gives the dense result exactly (:meth:`_sparse`): its stacked table and Adam moments are
+    ``[G, R, D]`` with R the largest client's row count, not the catalogue, and its update is the
+    global table with those rows replaced (docs/scale.md#item-rows-a-client-trains).
     """
 
     betas = (0.9, 0.999)
@@ -465,8 +470,8 @@ class LocalTrainer:
         """One optimiser step for every active client, in place (fresh Adam or SGD per client).
 
         The stacked parameters and moments are the largest tensors a round touches (the item
-        embedding times the group size), so the common case, every client active at the same
-        step, runs as in-place arithmetic; clients that already finished are masked otherwise.
+        embedding's trained rows times the group size), so the common case, every client active at
+        the same step, runs as in-place arithmetic; clients that already finished are masked otherwise.
         """
         cfg, (b1, b2) = self.config, self.betas
         uniform = bool(active.all()) and bool((steps == steps[0]).all())
