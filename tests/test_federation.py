@@ -417,6 +417,42 @@ def test_merging_partial_aggregates_equals_aggregating_everything():
         assert torch.allclose(everything[key], merged[key], atol=1e-6)
 
 
+def test_updated_rows_sums_only_the_changed_rows_and_gives_the_full_size_formula_bit_for_bit():
+    """The aggregator adds a client's changed item rows only (the others would add zeros): the
+    result is the float64 formula over full-size tables, bit for bit, and a partial merged into
+    another aggregator is not changed by what that aggregator adds later."""
+    from feddmmr.federation.server import Aggregator
+
+    generator = torch.Generator().manual_seed(1)
+    glob = {ITEM_EMBEDDING_KEY: torch.randn(50, 4, generator=generator)}
+    updates = []
+    for count in (3, 1, 5, 2, 7):
+        emb = glob[ITEM_EMBEDDING_KEY].clone()
+        rows = torch.randint(1, 50, (12,), generator=generator)
+        emb[rows] += torch.randn(12, 4, generator=generator)
+        updates.append(({ITEM_EMBEDDING_KEY: emb}, count))
+    sums = weights = 0
+    for state, count in updates:  # the full-size reference
+        value = state[ITEM_EMBEDDING_KEY].double()
+        changed = (value != glob[ITEM_EMBEDDING_KEY].double()).any(-1).double() * float(count)
+        sums, weights = sums + value * changed[:, None], weights + changed
+    mean = sums / weights.clamp_min(1e-12)[:, None]
+    expected = torch.where(weights[:, None] > 0, mean, glob[ITEM_EMBEDDING_KEY].double()).float()
+    one = Aggregator(glob)
+    for state, count in updates:
+        one.add(state, count)
+    assert torch.equal(one.result()[ITEM_EMBEDDING_KEY], expected)
+    part = Aggregator(glob)
+    part.add(*updates[0])
+    before = part.partial()[0][ITEM_EMBEDDING_KEY].clone()
+    server = Aggregator(glob)
+    server.merge(*part.partial())
+    for state, count in updates[1:]:
+        server.add(state, count)
+    assert torch.equal(part.partial()[0][ITEM_EMBEDDING_KEY], before)
+    assert torch.equal(server.result()[ITEM_EMBEDDING_KEY], expected)
+
+
 def test_server_momentum_accumulates_the_mean_update():
     from feddmmr.federation.server import ServerOptimizer
 

@@ -193,3 +193,103 @@ def test_a_new_on_demand_node_process_restores_the_evaluation_memories_from_cont
     held.ensure_clients(users)
     one, two = fresh.train(users[:3], glob, 1, None), held.train(users[:3], glob, 1, None)
     assert one.total == two.total and all(torch.equal(one.sums[k], two.sums[k]) for k in one.sums)
+
+
+# --------------------------------------------------------------------------- item rows a client trains
+
+def _sparse_and_dense(tmp_path, config, item_pool=None):
+    """A client trainer on the item rows it touches, and the same trainer forced dense."""
+    from feddmmr.engine.assemble import assemble as setup
+    from feddmmr.federation.client import LocalTrainer, build_clients
+
+    data = tiny_dataset(tmp_path, users=14)
+    fed = setup(config, data, None)
+    clients = build_clients(data, config.max_seq_len, None, None)
+    pool = data.occurring_items() if item_pool is None else item_pool
+    sparse = LocalTrainer(fed.model, config, fed.content, pool, client_batch=3)
+    dense = LocalTrainer(fed.model, config, fed.content, pool, client_batch=3)
+    dense.sparse_rows = False
+    return fed, clients, sparse, dense
+
+
+def _table_rows(trainer) -> list[int]:
+    """Spy: the item-table rows every vmapped step of ``trainer`` differentiates."""
+    from feddmmr.federation.server import ITEM_EMBEDDING_KEY
+
+    seen, loss = [], trainer._loss
+
+    def spy(params, *batch):
+        seen.append(params[ITEM_EMBEDDING_KEY].shape[-2])
+        return loss(params, *batch)
+
+    trainer._loss = spy
+    return seen
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # Stage 1: sampled softmax, Adam, dropout on
+    dict(loss="gbce"),
+    dict(update_negative_items=False),
+    dict(local_optimizer="sgd", learning_rate=0.5),
+    dict(fedprox_mu=0.1, aggregation="fedprox", local_epochs=2),
+], ids=["sampled_softmax", "gbce", "own_rows", "sgd", "fedprox"])
+def test_a_client_training_only_its_item_rows_gives_the_dense_update_bit_for_bit(tmp_path, overrides):
+    """Each client trains only the item rows its inputs, targets and negatives name (a ``[G, R, D]``
+    table, R below the catalogue) and sends the same full-size update as training every row: in
+    vmapped groups of 3 and 2 clients of different sizes, every tensor is identical."""
+    from feddmmr.federation.server import ITEM_EMBEDDING_KEY
+
+    config = tiny_config(1, batch_size=1, local_epochs=overrides.pop("local_epochs", 1), **overrides)
+    fed, clients, sparse, dense = _sparse_and_dense(tmp_path, config)
+    by_size = {len(c.inputs): c for c in clients.values()}
+    chosen = (list(by_size.values()) + [c for c in clients.values() if c not in by_size.values()])[:5]
+    assert len({len(c.inputs) for c in chosen}) > 1  # some clients finish before others
+    start = {k: v.clone() for k, v in fed.model.group_state(config.transmitted_groups).items()}
+    seeds = [11, 12, 13, 14, 15]
+    rows = _table_rows(sparse)
+    ours, theirs = sparse.train_many(chosen, start, seeds), dense.train_many(chosen, start, seeds)
+    catalogue = start[ITEM_EMBEDDING_KEY].shape[0]
+    assert rows and max(rows) < catalogue  # the sparse path ran on fewer rows than the catalogue
+    for a, b in zip(ours, theirs):
+        assert set(a.state) == set(b.state) == set(start)
+        for key in start:
+            assert a.state[key].shape == start[key].shape
+            assert torch.equal(a.state[key], b.state[key]), key
+        assert a.metrics == b.metrics and a.num_samples == b.num_samples
+        assert not torch.equal(a.state[ITEM_EMBEDDING_KEY], start[ITEM_EMBEDDING_KEY])
+    assert all(torch.equal(start[k], v) for k, v in fed.model.group_state(config.transmitted_groups).items())
+
+
+def test_item_rows_no_client_touched_keep_the_global_value(tmp_path):
+    """Negatives drawn from a pool of 5 items: every other row a client neither reads nor predicts is
+    the global row exactly, as the dense path leaves it."""
+    from feddmmr.federation.server import ITEM_EMBEDDING_KEY
+
+    config = tiny_config(1)
+    fed, clients, sparse, dense = _sparse_and_dense(tmp_path, config, item_pool=np.arange(1, 6))
+    start = {k: v.clone() for k, v in fed.model.group_state(config.transmitted_groups).items()}
+    chosen = [clients[0], clients[1], clients[2]]
+    for trainer in (sparse, dense):
+        for client, update in zip(chosen, trainer.train_many(chosen, start, [1, 2, 3])):
+            touched = set(client.inputs.ravel().tolist()) | set(client.targets.ravel().tolist()) | set(range(1, 6))
+            untouched = sorted(set(range(start[ITEM_EMBEDDING_KEY].shape[0])) - touched)
+            assert untouched
+            assert torch.equal(update.state[ITEM_EMBEDDING_KEY][untouched], start[ITEM_EMBEDDING_KEY][untouched])
+            assert not torch.equal(update.state[ITEM_EMBEDDING_KEY], start[ITEM_EMBEDDING_KEY])
+
+
+@pytest.mark.parametrize("overrides", [dict(loss="full_softmax"), dict(weight_decay=0.01)],
+                         ids=["full_softmax", "weight_decay"])
+def test_the_full_softmax_and_weight_decay_still_train_every_item_row(tmp_path, overrides):
+    """Every row is a full softmax's candidate, and weight decay moves every row: both stay dense."""
+    from feddmmr.federation.server import ITEM_EMBEDDING_KEY
+
+    config = tiny_config(1, **overrides)
+    fed, clients, sparse, dense = _sparse_and_dense(tmp_path, config)
+    start = fed.model.group_state(config.transmitted_groups)
+    rows = _table_rows(sparse)
+    ours, theirs = sparse.train_many([clients[0], clients[1]], start, [1, 2]), dense.train_many(
+        [clients[0], clients[1]], start, [1, 2])
+    assert set(rows) == {start[ITEM_EMBEDDING_KEY].shape[0]}
+    for a, b in zip(ours, theirs):
+        assert all(torch.equal(a.state[k], b.state[k]) for k in start)

@@ -19,6 +19,7 @@ from ..data.dataset import SequenceDataset, last_n_padded, trim_padding
 from ..models import UR4RecV2MoE
 from ..models.groups import group_of
 from .memory import ItemSpace, LocalMemory, MemoryConfig, client_threshold, novelty
+from .server import ITEM_EMBEDDING_KEY
 
 
 @dataclass
@@ -284,11 +285,17 @@ class LocalTrainer:
 
     ``client_batch`` clients share a vmapped step: a larger group amortises more overhead but keeps
     more activations alive at once (measured trade-off: docs/performance.md).
+
+    A client trains only the item-embedding rows its batches name (inputs, targets, negatives) when
+    that gives the dense result exactly (:meth:`_sparse`): its stacked table and Adam moments are
+    ``[G, R, D]`` with R the largest client's row count, not the catalogue, and its update is the
+    global table with those rows replaced (docs/scale.md#item-rows-a-client-trains).
     """
 
     betas = (0.9, 0.999)
     eps = 1e-8
     align_items = 128  # items per step for the InfoNCE alignment
+    sparse_rows = True  # train only the item-embedding rows a client touches, when that is exact (_sparse)
 
     def __init__(self, model: UR4RecV2MoE, config, content: ItemContent, item_pool: np.ndarray,
                  client_batch: int = 8):
@@ -368,6 +375,39 @@ class LocalTrainer:
             batches += [order[lo:lo + self.config.batch_size] for lo in range(0, len(order), self.config.batch_size)]
         return batches
 
+    def _sparse(self) -> bool:
+        """Whether a client may train only the item rows its batches touch and give the dense result.
+
+        A row no input, target or negative of a client names gets zero gradient, so with fresh Adam
+        (or SGD) moments it never moves: training the touched rows alone is exact. Not for the full
+        softmax (every row is a candidate), weight decay (it moves every row), or the memory (the
+        item tables and ``projected_tables`` are indexed by global ids and sized by the catalogue)."""
+        cfg = self.config
+        return (self.sparse_rows and ITEM_EMBEDDING_KEY in self.names and cfg.loss != "full_softmax"
+                and not cfg.weight_decay and not cfg.use_memory)
+
+    def _local_rows(self, batches: list[tuple]) -> tuple[torch.Tensor, list[int], list[tuple]]:
+        """Each client's item rows and its batches with item ids renumbered to index them.
+
+        Returns ``rows [G, R]`` (client ``i``'s sorted distinct ids, padding row 0 first, in its first
+        ``counts[i]`` entries; the rest point at row 0 and are never read), ``counts`` and the batches
+        with inputs, targets and negatives as positions in the client's rows."""
+        count, device = batches[0][0].shape[0], batches[0][0].device
+        own = [torch.unique(torch.cat([torch.zeros(1, dtype=torch.long, device=device)] +
+                                      [x[i].reshape(-1) for b in batches for x in b[:3]]))
+               for i in range(count)]
+        counts = [len(r) for r in own]
+        sentinel = self.model.num_items  # above every id: padded row lists stay sorted
+        search = torch.full((count, max(counts)), sentinel, dtype=torch.long, device=device)
+        for i, r in enumerate(own):
+            search[i, :len(r)] = r
+
+        def local(x: torch.Tensor) -> torch.Tensor:
+            return torch.searchsorted(search, x.reshape(count, -1).contiguous()).view_as(x)
+
+        batches = [(local(b[0]), local(b[1]), local(b[2]), *b[3:]) for b in batches]
+        return search.masked_fill(search == sentinel, 0), counts, batches
+
     def _train_group(self, clients: list[ClientData], seeds: list[int],
                      prototypes: torch.Tensor | None) -> list[ClientUpdate]:
         cfg = self.config
@@ -375,16 +415,31 @@ class LocalTrainer:
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         torch.manual_seed(int(seeds[0]))  # dropout masks under vmap come from the global generator
         plans = [self._plan(c, g) for c, g in zip(clients, generators)]
+        total = max(len(p) for p in plans)
         own = dict(self.model.named_parameters())
-        params = {n: own[n].detach().unsqueeze(0).repeat(count, *[1] * own[n].dim()) for n in self.names}
-        anchor = {n: own[n].detach() for n in self.names} if cfg.fedprox_mu > 0 else None
+        item = ITEM_EMBEDDING_KEY if self._sparse() else None
+        batches = rows = counts = None
+        if item is not None:
+            # every step's batch first (the same per-client draws, in the same order, as step by step):
+            # a client's item rows are the ids its batches name, its table [G, R, D] those rows only
+            batches = [self._batch(clients, [p[step] if step < len(p) else None for p in plans], generators,
+                                   prototypes) for step in range(total)]
+            rows, counts, batches = self._local_rows(batches)
+        params = {n: own[n].detach()[rows] if n == item else
+                  own[n].detach().unsqueeze(0).repeat(count, *[1] * own[n].dim()) for n in self.names}
+        anchor = ({n: own[n].detach()[rows] if n == item else own[n].detach() for n in self.names}
+                  if cfg.fedprox_mu > 0 else None)
         first = {n: torch.zeros_like(p) for n, p in params.items()}
         second = {n: torch.zeros_like(p) for n, p in params.items()}
         steps = torch.zeros(count, device=self.device)
         sums: list[dict[str, float]] = [{} for _ in clients]
-        for step in range(max(len(p) for p in plans)):
+        for step in range(total):
             active = torch.tensor([step < len(p) for p in plans], device=self.device)
-            batch = self._batch(clients, [p[step] if step < len(p) else None for p in plans], generators, prototypes)
+            if batches is not None:
+                batch, batches[step] = batches[step], None
+            else:
+                batch = self._batch(clients, [p[step] if step < len(p) else None for p in plans], generators,
+                                    prototypes)
             grads, aux = self._grad(params, *batch)
             steps += active.float()
             with torch.no_grad():
@@ -401,7 +456,11 @@ class LocalTrainer:
         updates = []
         for index, client in enumerate(clients):
             metrics = {k: v / max(len(plans[index]), 1) for k, v in sums[index].items()}
-            state = {n: params[n][index].to("cpu", copy=True) for n in self.names}  # what travels: on the CPU
+            state = {n: params[n][index].to("cpu", copy=True) for n in self.names if n != item}  # what travels: on the CPU
+            if item is not None:  # the full-size table: the global rows, the client's own rows trained
+                full = own[item].detach().to("cpu", copy=True)
+                full[rows[index, :counts[index]].cpu()] = params[item][index, :counts[index]].cpu()
+                state = {n: full if n == item else state[n] for n in self.names}
             shared = client.prototypes if (cfg.use_memory and cfg.use_prototypes) else None
             updates.append(ClientUpdate(state, client.num_samples, shared, metrics))
         return updates
@@ -411,8 +470,8 @@ class LocalTrainer:
         """One optimiser step for every active client, in place (fresh Adam or SGD per client).
 
         The stacked parameters and moments are the largest tensors a round touches (the item
-        embedding times the group size), so the common case, every client active at the same
-        step, runs as in-place arithmetic; clients that already finished are masked otherwise.
+        embedding's trained rows times the group size), so the common case, every client active at
+        the same step, runs as in-place arithmetic; clients that already finished are masked otherwise.
         """
         cfg, (b1, b2) = self.config, self.betas
         uniform = bool(active.all()) and bool((steps == steps[0]).all())

@@ -72,9 +72,8 @@ def check_update(global_state: dict[str, torch.Tensor], state, num_samples=None)
             return f"{key}: dtype {value.dtype}, expected a floating-point tensor"
         if value.shape != reference.shape:
             return f"{key}: shape {tuple(value.shape)}, expected {tuple(reference.shape)}"
-        bad = int((~torch.isfinite(value)).sum())
-        if bad:
-            return f"{key}: {bad} non-finite value(s) (NaN/Inf)"
+        if not bool(torch.isfinite(value).all()):  # counted only when there is something to count
+            return f"{key}: {int((~torch.isfinite(value)).sum())} non-finite value(s) (NaN/Inf)"
     if num_samples is not None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(float(num_samples)) or num_samples < 0:
@@ -186,13 +185,18 @@ class Aggregator:
             return
         self.total += weight
         for key, value in state.items():
-            value = value.double()
             if key == ITEM_EMBEDDING_KEY and self.mode == "updated_rows":
-                changed = (value != self.global_state[key].double()).any(-1).double() * weight
-                value = value * changed[:, None]
+                # compared in the states' own dtype (widening to float64 is exact, so the same rows)
+                rows = (value != self.global_state[key]).any(-1)
+                changed = rows.double() * weight
                 self.row_weight = changed if self.row_weight is None else self.row_weight + changed
+                if key in self.sums:  # only the changed rows: the others would add (+-)0
+                    index = rows.nonzero().flatten()
+                    self.sums[key].index_add_(0, index, value[index].double() * weight)
+                    continue
+                value = value.double() * changed[:, None]
             else:
-                value = value * weight
+                value = value.double() * weight
             self.sums[key] = value if key not in self.sums else self.sums[key] + value
 
     def partial(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, float]:
@@ -205,8 +209,8 @@ class Aggregator:
             return
         self.total += float(total)
         for key, value in sums.items():
-            value = value.double()
-            self.sums[key] = value if key not in self.sums else self.sums[key] + value
+            value = value.double()  # a copy when kept: add() changes its sums in place
+            self.sums[key] = value.clone() if key not in self.sums else self.sums[key] + value
         if row_weight is not None:
             row_weight = row_weight.double()
             self.row_weight = row_weight if self.row_weight is None else self.row_weight + row_weight
