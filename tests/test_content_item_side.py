@@ -177,3 +177,39 @@ def test_a_stage3_run_trains_the_tower_and_scores_the_same_after_restore(tmp_pat
     assert run.model.item_content.net[2].weight.abs().sum() > 0  # moved from its zero initialisation
     again = evaluate(run.scorer("test"), run.data, "test", "sampled", seed=0, max_len=8, num_negatives=10)
     assert again["NDCG@10"] == history["final"]["test_sampled"]["NDCG@10"]
+
+
+def test_id_dropout_happens_in_training_only():
+    model = make_model(True, content_id_dropout=0.5)
+    torch.manual_seed(0)
+    masks = torch.stack([model.id_keep_mask() for _ in range(200)])
+    assert set(masks.unique().tolist()) == {0.0, 1.0} and abs(masks.mean() - 0.5) < 0.02
+    assert model.eval().id_keep_mask() is None  # evaluation scores with every ID row
+    assert make_model(True).id_keep_mask() is None  # p = 0: the scoring rule of model.score
+    with pytest.raises(ValueError, match="content_item_side"):
+        make_model(False, content_id_dropout=0.5)
+    with pytest.raises(ConfigError, match="content_id_dropout"):
+        validate_config(tiny_config(3, content_id_dropout=0.5))
+    assert TrainConfig(content_item_side=True, content_id_dropout=0.5).model_kwargs(10, 6, 4)["content_id_dropout"] == 0.5
+
+
+@pytest.mark.parametrize("objective", ["sampled_softmax", "full_softmax"])
+def test_a_dropped_id_row_is_scored_as_a_zero_row(objective, monkeypatch):
+    """Training with an item's ID dropped scores it as a candidate whose ID row is zero: by its content
+    alone (the input sequence and the experts keep the ID rows; here no memory, and no dropped item in
+    the inputs, so the only difference is the candidate side)."""
+    seq, pos, neg, _ = a_batch(4)
+    dropped = torch.tensor([i for i in range(1, NUM_ITEMS) if i not in seq][:8])
+    assert len(dropped) and (torch.isin(neg, dropped).any() or torch.isin(pos, dropped).any())
+    keep = torch.ones(NUM_ITEMS)
+    keep[dropped] = 0
+    model = make_model(True, trained_tower=True, content_id_dropout=0.5)
+    monkeypatch.setattr(model, "id_keep_mask", lambda: keep)
+    reference = make_model(True, trained_tower=True)
+    with torch.no_grad():
+        reference.sasrec.item_emb.weight[dropped] = 0
+    got = model.losses(seq, pos, neg, objective=objective)["next_item"]
+    want = reference.losses(seq, pos, neg, objective=objective)["next_item"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, make_model(True, trained_tower=True).losses(seq, pos, neg, objective=objective)[
+        "next_item"])

@@ -142,7 +142,7 @@ class UR4RecV2MoE(nn.Module):
                  gating_init: float = 0.01, contrastive_lambda: float = 0.5,
                  load_balance_lambda: float = 0.01, contrastive_temperature: float = 0.07,
                  visual_expert_heads: int = 1, standardise_features: bool = False,
-                 content_item_side: bool = False):
+                 content_item_side: bool = False, content_id_dropout: float = 0.0):
         super().__init__()
         hidden = sasrec_hidden_dim
         self.num_items, self.hidden, self.max_seq_len = num_items, hidden, max_seq_len
@@ -162,6 +162,9 @@ class UR4RecV2MoE(nn.Module):
         self.register_buffer("item_text", torch.zeros(0, text_dim), persistent=False)
         # built last, and only when on: without it the model (its keys, its seeded init) is as before
         self.item_content = ContentTower(visual_dim, text_dim, hidden) if content_item_side else None
+        if content_id_dropout and not content_item_side:
+            raise ValueError("content_id_dropout needs content_item_side (it drops ID rows so content scores alone)")
+        self.content_id_dropout = content_id_dropout
 
     # ------------------------------------------------------------------ parameter groups
     def named_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -252,13 +255,26 @@ class UR4RecV2MoE(nn.Module):
                   for table, dim in ((self.item_visual, self.visual_dim), (self.item_text, self.text_dim))]
         return self.item_content(*tables)
 
-    def candidate_emb(self, items: torch.Tensor, content: torch.Tensor | None = None) -> torch.Tensor:
+    def candidate_emb(self, items: torch.Tensor, content: torch.Tensor | None = None,
+                      id_keep: torch.Tensor | None = None) -> torch.Tensor:
         """What a candidate's SASRec score reads: ``E[c]``, plus its content term with ``content_item_side``
-        (``content``: :meth:`content_table`, when the caller has it)."""
+        (``content``: :meth:`content_table`, when the caller has it; ``id_keep [num_items]``: training's
+        ID dropout, :meth:`id_keep_mask`)."""
         emb = self.sasrec.item_emb(items)
         if self.item_content is None:
             return emb
+        if id_keep is not None:
+            emb = emb * id_keep[items].unsqueeze(-1)
         return emb + (self.content_table() if content is None else content)[items]
+
+    def id_keep_mask(self) -> torch.Tensor | None:
+        """Training only, with ``content_id_dropout`` p: which items keep their ID row in this step
+        (each is dropped with probability p, for every position and role of the step), so the content
+        term learns to score an item alone, as a new item is scored (DropoutNet, Volkovs et al., 2017).
+        None in evaluation mode or at p = 0: the scoring rule is then :meth:`score`'s."""
+        if not (self.training and self.content_id_dropout > 0 and self.item_content is not None):
+            return None
+        return (torch.rand(self.num_items, device=self.device) >= self.content_id_dropout).float()
 
     # ------------------------------------------------------------------ the model
     def encode(self, input_seq: torch.Tensor) -> torch.Tensor:
@@ -435,7 +451,8 @@ class UR4RecV2MoE(nn.Module):
         if uses_memory and 0 < self.num_items <= positives.numel() + negatives.numel():
             tables = self.projected_tables()  # one projection of the catalogue serves both calls
         content = tables["content"] if tables is not None and "content" in tables else self.content_table()
-        pos_emb, neg_emb = self.candidate_emb(positives, content), self.candidate_emb(negatives, content)
+        id_keep = self.id_keep_mask()
+        pos_emb, neg_emb = self.candidate_emb(positives, content, id_keep), self.candidate_emb(negatives, content, id_keep)
         if detach_negatives:
             neg_emb = neg_emb.detach()
         pos_logit = (hidden * pos_emb).sum(-1)
@@ -463,14 +480,15 @@ class UR4RecV2MoE(nn.Module):
                       detach_negatives, catalogue, valid, count) -> dict[str, torch.Tensor]:
         """Cross-entropy of each position's next item against every catalogue row ``[B, L, num_items]``."""
         rows = torch.arange(self.num_items, device=positives.device)
-        content = self.content_table()
-        weight = self.sasrec.item_emb.weight if content is None else self.sasrec.item_emb.weight + content
+        content, id_keep = self.content_table(), self.id_keep_mask()
+        weight = self.sasrec.item_emb.weight if id_keep is None else self.sasrec.item_emb.weight * id_keep.unsqueeze(-1)
+        weight = weight if content is None else weight + content
         allowed = rows != 0
         if catalogue is not None:
             allowed = allowed & catalogue
         logits = hidden @ (weight.detach() if detach_negatives else weight).T  # [B, L, I]
         target = positives.unsqueeze(-1)
-        pos_logit = (hidden * self.candidate_emb(positives, content)).sum(-1)
+        pos_logit = (hidden * self.candidate_emb(positives, content, id_keep)).sum(-1)
         uses_memory = memory_visual is not None or memory_text is not None
         pos_w = hidden.new_zeros((*positives.shape, 2))
         load_balance = hidden.new_zeros(())
