@@ -447,16 +447,20 @@ class UR4RecV2MoE(nn.Module):
         if objective == "full_softmax":
             return self._full_softmax(hidden, positives, memory_visual, memory_text, memory_mask, align_items,
                                       detach_negatives, catalogue, valid, count)
-        tables = None
-        if uses_memory and 0 < self.num_items <= positives.numel() + negatives.numel():
-            tables = self.projected_tables()  # one projection of the catalogue serves both calls
-        content = tables["content"] if tables is not None and "content" in tables else self.content_table()
-        id_keep = self.id_keep_mask()
+        tables = content = id_keep = None
+        whole_catalogue = uses_memory and 0 < self.num_items <= positives.numel() + negatives.numel()
+        if self.item_content is not None:  # the content tower's term enters the candidates' embeddings
+            tables = self.projected_tables() if whole_catalogue else None
+            content = tables["content"] if tables is not None else self.content_table()
+            id_keep = self.id_keep_mask()
+        # (without the tower, the order of operations is the former one: gradients bit for bit as before)
         pos_emb, neg_emb = self.candidate_emb(positives, content, id_keep), self.candidate_emb(negatives, content, id_keep)
         if detach_negatives:
             neg_emb = neg_emb.detach()
         pos_logit = (hidden * pos_emb).sum(-1)
         neg_logit = torch.einsum("bld,bnd->bln", hidden, neg_emb)
+        if whole_catalogue and tables is None:
+            tables = self.projected_tables()  # one projection of the catalogue serves both calls
         pos_bonus, pos_w, lb_pos = self.auxiliary(positives, memory_visual, memory_text,
                                                   memory_mask=memory_mask, dedupe=False, tables=tables)
         neg_bonus, _, lb_neg = self.auxiliary(negatives, memory_visual, memory_text,
