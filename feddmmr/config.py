@@ -78,6 +78,8 @@ class TrainConfig:
     contrastive_temperature: float = 0.07
     standardise_features: bool = False  # z-score item features per dimension before the projectors (moe.Projector)
     new_group_lr_multiplier: float = 1.0  # local learning rate x this for projectors, experts, router and gate
+    content_item_side: bool = False  # Stage 3 with memory: candidates scored by E[c] + P(content[c]) (moe.ContentTower)
+    content_id_dropout: float = 0.0  # training only, with content_item_side: drop each item's ID row with this probability
     # multimodal inputs and memory (SPEC §4)
     use_memory: bool = False
     use_visual: bool = True
@@ -119,7 +121,9 @@ class TrainConfig:
                     text_dim=text_dim, dropout=self.dropout, gating_init=self.gating_init,
                     contrastive_lambda=self.contrastive_lambda, load_balance_lambda=self.load_balance_lambda,
                     contrastive_temperature=self.contrastive_temperature,
-                    **({"standardise_features": True} if self.standardise_features else {}))
+                    **({"standardise_features": True} if self.standardise_features else {}),
+                    **({"content_item_side": True} if self.content_item_side else {}),
+                    **({"content_id_dropout": self.content_id_dropout} if self.content_id_dropout else {}))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -171,7 +175,8 @@ RANGES: dict[str, Range] = {
     "sasrec_hidden_dim": POSITIVE, "sasrec_num_blocks": POSITIVE, "sasrec_num_heads": POSITIVE,
     "max_seq_len": POSITIVE, "moe_num_heads": POSITIVE, "dropout": Range(0, 1, open_high=True),
     "gating_init": NON_NEGATIVE, "contrastive_lambda": NON_NEGATIVE, "load_balance_lambda": NON_NEGATIVE,
-    "contrastive_temperature": STRICTLY_POSITIVE, "new_group_lr_multiplier": STRICTLY_POSITIVE, "memory_top_k": POSITIVE, "st_window": POSITIVE,
+    "contrastive_temperature": STRICTLY_POSITIVE, "new_group_lr_multiplier": STRICTLY_POSITIVE,
+    "content_id_dropout": Range(0, 1, open_high=True), "memory_top_k": POSITIVE, "st_window": POSITIVE,
     "lt_capacity": NON_NEGATIVE, "novelty_threshold": Range(None, 1), "novelty_quantile": FRACTION,
     "duplicate_threshold": Range(-1, 1), "recency_half_life": STRICTLY_POSITIVE, "recency_weight": FRACTION,
     "st_fraction": FRACTION, "num_prototypes": POSITIVE, "num_global_prototypes": POSITIVE,
@@ -265,6 +270,13 @@ def validate_config(config: TrainConfig, source: str = "config", *, num_users: i
     if unknown or not config.trainable_groups:
         raise ConfigError(f"{source}: config key 'trainable_groups' = {config.trainable_groups!r}: expected a "
                           f"non-empty list of parameter groups from {PARAM_GROUPS}")
+    if config.content_item_side and not (config.use_memory and "projectors" in config.trainable_groups):
+        raise ConfigError(f"{source}: config key 'content_item_side' needs use_memory=true (the item features) and "
+                          f"'projectors' in trainable_groups (its tower is trained there), got use_memory="
+                          f"{config.use_memory}, trainable_groups={config.trainable_groups}")
+    if config.content_id_dropout and not config.content_item_side:
+        raise ConfigError(f"{source}: config key 'content_id_dropout' = {config.content_id_dropout} needs "
+                          "content_item_side=true (it drops ID rows so that the content term scores alone)")
     if config.aggregation == "fedprox" and not config.fedprox_mu > 0:
         raise ConfigError(f"{source}: config key 'fedprox_mu': aggregation='fedprox' needs fedprox_mu > 0 (the "
                           f"proximal weight, e.g. 0.01), got {config.fedprox_mu}")

@@ -8,6 +8,7 @@ _GROUP_OF_PREFIX = {
     "sasrec.": "backbone",
     "proj_visual.": "projectors",
     "proj_text.": "projectors",
+    "item_content.": "projectors",  # the candidate-side content tower (content_item_side)
     "visual_expert.": "experts",
     "semantic_expert.": "experts",
     "vis_ln.": "experts",

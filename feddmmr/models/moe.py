@@ -9,6 +9,12 @@ candidate item c, never the position t, so the auxiliary part of the score is a 
 (user, item) term added to SASRec's score. That identity is what makes training at every
 position cheap: the experts run once per (user, candidate), not once per (position, candidate).
 
+With ``content_item_side`` a candidate is represented by ``E[c] + P(content[c])`` instead of
+``E[c]`` wherever SASRec's part of the score reads it (training's positives, negatives and full
+catalogue, evaluation's candidates): :class:`ContentTower`, a trained projection of the item's
+standardised features, so an item without a trained ID row (a new item) still gets a score from
+its content. The experts' bonus and the input sequence keep the ID embedding.
+
 Missing modalities are all-zero feature rows: an expert with no usable memory entries, or a
 candidate without a poster, gets router weight 0, and with no memory at all the model is
 exactly SASRec.
@@ -90,6 +96,43 @@ class Projector(nn.Sequential):
         return super().forward(x)
 
 
+class ContentTower(nn.Module):
+    """The candidate-side content term ``gate * MLP([z(visual); z(text)])`` of every item (issue #14 (d)).
+
+    Each modality is z-scored per dimension with the catalogue's statistics (as ``Projector`` with
+    ``standardise``), zero where missing; an item with neither modality (padding) gets zero. The last
+    layer starts at zero, so at initialisation the term is zero and the model scores as without it.
+    Its parameters (``item_content.*``) are in the "projectors" group: trained and transmitted
+    whenever Stage 3 trains the projectors."""
+
+    def __init__(self, visual_dim: int, text_dim: int, hidden: int):
+        super().__init__()
+        self.visual_dim, self.text_dim = visual_dim, text_dim
+        self.net = nn.Sequential(nn.Linear(visual_dim + text_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
+        self.gate = nn.Parameter(torch.tensor(1.0))
+        for name, dim in (("visual", visual_dim), ("text", text_dim)):
+            self.register_buffer(f"{name}_shift", torch.zeros(dim), persistent=False)
+            self.register_buffer(f"{name}_scale", torch.ones(dim), persistent=False)
+
+    def set_statistics(self, visual: torch.Tensor, text: torch.Tensor) -> None:
+        """Mean and std per dimension over the present rows of each table (as ``Projector.set_statistics``)."""
+        for name, table in (("visual", visual), ("text", text)):
+            rows = table[_present(table)]
+            if len(rows) >= 2:
+                setattr(self, f"{name}_shift", rows.mean(0).to(getattr(self, f"{name}_shift")))
+                setattr(self, f"{name}_scale", rows.std(0).clamp_min(1e-6).to(getattr(self, f"{name}_scale")))
+
+    def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``visual [..., Dv]``, ``text [..., Dt]`` raw feature rows (zero = missing) -> ``[..., hidden]``."""
+        has_vis, has_txt = _present(visual), _present(text)
+        z_vis = (visual - self.visual_shift) / self.visual_scale * has_vis.unsqueeze(-1)
+        z_txt = (text - self.text_shift) / self.text_scale * has_txt.unsqueeze(-1)
+        out = self.net(torch.cat([z_vis, z_txt], dim=-1)) * (has_vis | has_txt).unsqueeze(-1)
+        return self.gate * out
+
+
 class UR4RecV2MoE(nn.Module):
     """The seed's model class and constructor names; see the module docstring for the maths."""
 
@@ -98,7 +141,8 @@ class UR4RecV2MoE(nn.Module):
                  visual_dim: int = 512, text_dim: int = 384, dropout: float = 0.1,
                  gating_init: float = 0.01, contrastive_lambda: float = 0.5,
                  load_balance_lambda: float = 0.01, contrastive_temperature: float = 0.07,
-                 visual_expert_heads: int = 1, standardise_features: bool = False):
+                 visual_expert_heads: int = 1, standardise_features: bool = False,
+                 content_item_side: bool = False, content_id_dropout: float = 0.0):
         super().__init__()
         hidden = sasrec_hidden_dim
         self.num_items, self.hidden, self.max_seq_len = num_items, hidden, max_seq_len
@@ -116,6 +160,11 @@ class UR4RecV2MoE(nn.Module):
         # item content (the same public table on every client); not part of the state dict
         self.register_buffer("item_visual", torch.zeros(0, visual_dim), persistent=False)
         self.register_buffer("item_text", torch.zeros(0, text_dim), persistent=False)
+        # built last, and only when on: without it the model (its keys, its seeded init) is as before
+        self.item_content = ContentTower(visual_dim, text_dim, hidden) if content_item_side else None
+        if content_id_dropout and not content_item_side:
+            raise ValueError("content_id_dropout needs content_item_side (it drops ID rows so content scores alone)")
+        self.content_id_dropout = content_id_dropout
 
     # ------------------------------------------------------------------ parameter groups
     def named_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -189,11 +238,43 @@ class UR4RecV2MoE(nn.Module):
             setattr(self, name, table.float().to(self.device))
         self.proj_visual.set_statistics(self.item_visual)
         self.proj_text.set_statistics(self.item_text)
+        if self.item_content is not None:
+            self.item_content.set_statistics(self.item_visual, self.item_text)
 
     def _lookup(self, table: torch.Tensor, items: torch.Tensor, dim: int) -> torch.Tensor:
         if table.shape[0] == 0:
             return torch.zeros(*items.shape, dim, device=items.device)
         return table[items]
+
+    # ------------------------------------------------------------------ the candidate side
+    def content_table(self) -> torch.Tensor | None:
+        """:class:`ContentTower`'s term for every item ``[num_items, D]`` (None when ``content_item_side`` is off)."""
+        if self.item_content is None:
+            return None
+        tables = [table if table.shape[0] else torch.zeros(self.num_items, dim, device=self.device)
+                  for table, dim in ((self.item_visual, self.visual_dim), (self.item_text, self.text_dim))]
+        return self.item_content(*tables)
+
+    def candidate_emb(self, items: torch.Tensor, content: torch.Tensor | None = None,
+                      id_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """What a candidate's SASRec score reads: ``E[c]``, plus its content term with ``content_item_side``
+        (``content``: :meth:`content_table`, when the caller has it; ``id_keep [num_items]``: training's
+        ID dropout, :meth:`id_keep_mask`)."""
+        emb = self.sasrec.item_emb(items)
+        if self.item_content is None:
+            return emb
+        if id_keep is not None:
+            emb = emb * id_keep[items].unsqueeze(-1)
+        return emb + (self.content_table() if content is None else content)[items]
+
+    def id_keep_mask(self) -> torch.Tensor | None:
+        """Training only, with ``content_id_dropout`` p: which items keep their ID row in this step
+        (each is dropped with probability p, for every position and role of the step), so the content
+        term learns to score an item alone, as a new item is scored (DropoutNet, Volkovs et al., 2017).
+        None in evaluation mode or at p = 0: the scoring rule is then :meth:`score`'s."""
+        if not (self.training and self.content_id_dropout > 0 and self.item_content is not None):
+            return None
+        return (torch.rand(self.num_items, device=self.device) >= self.content_id_dropout).float()
 
     # ------------------------------------------------------------------ the model
     def encode(self, input_seq: torch.Tensor) -> torch.Tensor:
@@ -266,6 +347,8 @@ class UR4RecV2MoE(nn.Module):
         out["visual_query"] = self.visual_expert.q(out["visual"][0])
         out["semantic_query"] = self.semantic_expert.q(self.sasrec.item_emb.weight)
         out["router"] = self.router(torch.cat([out["visual"][0], out["text"][0]], dim=-1))
+        if self.item_content is not None:
+            out["content"] = self.content_table()
         return out
 
     def _item_side(self, items: torch.Tensor, table: torch.Tensor, given: torch.Tensor | None,
@@ -306,9 +389,10 @@ class UR4RecV2MoE(nn.Module):
         instead of ``[B, C, D]`` products)."""
         bonus, _, _ = self.auxiliary(items, memory_visual, memory_text, target_visual, memory_mask=memory_mask,
                                      tables=tables)
+        content = (tables or {}).get("content")
         if shared_candidates and items.stride(0) == 0:
-            return hidden @ self.sasrec.item_emb(items[0]).T + bonus
-        return (hidden.unsqueeze(1) * self.sasrec.item_emb(items)).sum(-1) + bonus
+            return hidden @ self.candidate_emb(items[0], content).T + bonus
+        return (hidden.unsqueeze(1) * self.candidate_emb(items, content)).sum(-1) + bonus
 
     def forward(self, user_ids=None, input_seq: torch.Tensor = None, target_items: torch.Tensor = None,
                 target_visual: torch.Tensor | None = None, memory_visual: torch.Tensor | None = None,
@@ -363,13 +447,19 @@ class UR4RecV2MoE(nn.Module):
         if objective == "full_softmax":
             return self._full_softmax(hidden, positives, memory_visual, memory_text, memory_mask, align_items,
                                       detach_negatives, catalogue, valid, count)
-        pos_emb, neg_emb = self.sasrec.item_emb(positives), self.sasrec.item_emb(negatives)
+        tables = content = id_keep = None
+        whole_catalogue = uses_memory and 0 < self.num_items <= positives.numel() + negatives.numel()
+        if self.item_content is not None:  # the content tower's term enters the candidates' embeddings
+            tables = self.projected_tables() if whole_catalogue else None
+            content = tables["content"] if tables is not None else self.content_table()
+            id_keep = self.id_keep_mask()
+        # (without the tower, the order of operations is the former one: gradients bit for bit as before)
+        pos_emb, neg_emb = self.candidate_emb(positives, content, id_keep), self.candidate_emb(negatives, content, id_keep)
         if detach_negatives:
             neg_emb = neg_emb.detach()
         pos_logit = (hidden * pos_emb).sum(-1)
         neg_logit = torch.einsum("bld,bnd->bln", hidden, neg_emb)
-        tables = None
-        if uses_memory and 0 < self.num_items <= positives.numel() + negatives.numel():
+        if whole_catalogue and tables is None:
             tables = self.projected_tables()  # one projection of the catalogue serves both calls
         pos_bonus, pos_w, lb_pos = self.auxiliary(positives, memory_visual, memory_text,
                                                   memory_mask=memory_mask, dedupe=False, tables=tables)
@@ -393,14 +483,16 @@ class UR4RecV2MoE(nn.Module):
     def _full_softmax(self, hidden, positives, memory_visual, memory_text, memory_mask, align_items,
                       detach_negatives, catalogue, valid, count) -> dict[str, torch.Tensor]:
         """Cross-entropy of each position's next item against every catalogue row ``[B, L, num_items]``."""
-        weight = self.sasrec.item_emb.weight
         rows = torch.arange(self.num_items, device=positives.device)
+        content, id_keep = self.content_table(), self.id_keep_mask()
+        weight = self.sasrec.item_emb.weight if id_keep is None else self.sasrec.item_emb.weight * id_keep.unsqueeze(-1)
+        weight = weight if content is None else weight + content
         allowed = rows != 0
         if catalogue is not None:
             allowed = allowed & catalogue
         logits = hidden @ (weight.detach() if detach_negatives else weight).T  # [B, L, I]
         target = positives.unsqueeze(-1)
-        pos_logit = (hidden * self.sasrec.item_emb(positives)).sum(-1)
+        pos_logit = (hidden * self.candidate_emb(positives, content, id_keep)).sum(-1)
         uses_memory = memory_visual is not None or memory_text is not None
         pos_w = hidden.new_zeros((*positives.shape, 2))
         load_balance = hidden.new_zeros(())
