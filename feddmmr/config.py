@@ -8,6 +8,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .models.groups import PARAM_GROUPS
 from .models.moe import OBJECTIVES
 
@@ -295,10 +297,24 @@ def validate_config(config: TrainConfig, source: str = "config", *, num_users: i
     return config
 
 
+CUDA_HELP = ("install a CUDA build of the pinned torch before the project, e.g. `pip install torch=={version} "
+             "--index-url https://download.pytorch.org/whl/cu128` (README, GPU), or use device=cpu or device=auto")
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``name`` cannot be used on this machine (None: it can)."""
+    if name not in DEVICES:
+        return f"{name!r} is not one of {DEVICES}"
+    if name == "cuda" and not torch.cuda.is_available():
+        version = torch.__version__.split("+")[0]
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        return (f"torch {torch.__version__} ({build}) sees no CUDA GPU (torch.cuda.is_available() is False): "
+                + CUDA_HELP.format(version=version))
+    return None
+
+
 def _check_device(config: TrainConfig, source: str) -> None:
     """``device=cuda`` on a machine without a usable GPU fails here, before any work, saying how to fix it."""
-    from .devices import device_problem  # devices imports this module (ConfigError, DEVICES)
-
     problem = device_problem(config.device)
     if problem is not None:
         raise ConfigError(f"{source}: config key 'device' = {config.device!r}: {problem}")

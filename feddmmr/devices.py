@@ -10,22 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import DEVICES, ConfigError
-
-CUDA_HELP = ("install a CUDA build of the pinned torch before the project, e.g. `pip install torch=={version} "
-             "--index-url https://download.pytorch.org/whl/cu128` (README, GPU), or use device=cpu or device=auto")
-
-
-def device_problem(name: str) -> str | None:
-    """Why ``name`` cannot be used on this machine (None: it can)."""
-    if name not in DEVICES:
-        return f"{name!r} is not one of {DEVICES}"
-    if name == "cuda" and not torch.cuda.is_available():
-        version = torch.__version__.split("+")[0]
-        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        return (f"torch {torch.__version__} ({build}) sees no CUDA GPU (torch.cuda.is_available() is False): "
-                + CUDA_HELP.format(version=version))
-    return None
+from .config import ConfigError, device_problem
 
 
 def resolve_device(name: str, setting: str = "device") -> torch.device:
