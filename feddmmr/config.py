@@ -298,7 +298,7 @@ def validate_config(config: TrainConfig, source: str = "config", *, num_users: i
 
 
 CUDA_HELP = ("install a CUDA build of the pinned torch before the project, e.g. `pip install torch=={version} "
-             "--index-url https://download.pytorch.org/whl/cu128` (README, GPU), or use device=cpu or device=auto")
+             "--index-url https://download.pytorch.org/whl/cu128` (docs/configuration.md, Devices), or use device=cpu or device=auto")
 
 
 def device_problem(name: str) -> str | None:

@@ -2,7 +2,7 @@
 
 Training, evaluation, feature extraction and the Flower nodes all resolve their device here, so
 ``auto`` means the same everywhere and a missing GPU fails the same way: one ConfigError that
-names the setting and says how to get a CUDA build of the pinned torch (the README's GPU section).
+names the setting and says how to get a CUDA build of the pinned torch (docs/configuration.md, Devices).
 The default everywhere is ``cpu``: a run's numbers do not depend on what hardware happens to be there.
 """
 
