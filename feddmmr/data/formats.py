@@ -23,7 +23,7 @@ import numpy as np
 
 from .parsing import (CATALOGUE_ENCODINGS, GROUPLENS_HINT, DataError, Interactions, TableColumns, _dedupe, _find,
                       _int_field, _int_rows, _open_text_lines, _read_raw, _split_fields, drop_duplicate_rows,
-                      read_movie_genres, read_movies)
+                      read_movie_catalogue)
 
 log = logging.getLogger(__name__)
 
@@ -452,7 +452,9 @@ def read_ml10m(path: Path) -> Interactions:
     if csv and (movies := _find(folder, "movies.csv")) is not None:
         metadata = read_movies_csv(movies)
     elif not csv and (movies := _find(folder, "movies.dat")) is not None:
-        metadata = movie_metadata(read_movies(movies), read_movie_genres(movies), movies)
+        catalogue = read_movie_catalogue(movies)  # one pass: titles and genres
+        titles = {movie: title for movie, (title, _genres) in catalogue.items()}
+        metadata = movie_metadata(titles, {movie: genres for movie, (_title, genres) in catalogue.items()}, movies)
     result = Interactions(users, items, times, ratings, "ml10m", path, metadata.titles)
     result.metadata = metadata
     return result

@@ -266,22 +266,19 @@ def _dedupe(path: Path, table: np.ndarray, header: bool) -> np.ndarray:
 
 # --------------------------------------------------------------------------- catalogue files
 
+def read_movie_catalogue(path: Path) -> dict[int, tuple[str, str]]:
+    """movies.dat: ``MovieID::Title::Genres`` (ISO-8859-1, or UTF-8). Returns MovieID -> (title, genres),
+    'Title (Year)' and 'A|B|C', from one pass over the file."""
+    catalogue: dict[int, tuple[str, str]] = {}
+    for number, text in _open_text_lines(path, CATALOGUE_ENCODINGS):
+        movie, title, genres = _split_fields(path, number, text, "::", 3, "MovieID::Title::Genres")
+        catalogue[_int_field(path, number, movie, "MovieID")] = (title, genres)
+    return catalogue
+
+
 def read_movies(path: Path) -> dict[int, str]:
-    """movies.dat: ``MovieID::Title::Genres`` (ISO-8859-1, or UTF-8). Returns MovieID -> 'Title (Year)'."""
-    movies: dict[int, str] = {}
-    for number, text in _open_text_lines(path, CATALOGUE_ENCODINGS):
-        movie, title, _genres = _split_fields(path, number, text, "::", 3, "MovieID::Title::Genres")
-        movies[_int_field(path, number, movie, "MovieID")] = title
-    return movies
-
-
-def read_movie_genres(path: Path) -> dict[int, str]:
-    """movies.dat genres as 'A|B|C' per MovieID (the text features use them)."""
-    genres: dict[int, str] = {}
-    for number, text in _open_text_lines(path, CATALOGUE_ENCODINGS):
-        movie, _title, genre = _split_fields(path, number, text, "::", 3, "MovieID::Title::Genres")
-        genres[_int_field(path, number, movie, "MovieID")] = genre
-    return genres
+    """movies.dat titles by MovieID."""
+    return {movie: title for movie, (title, _genres) in read_movie_catalogue(path).items()}
 
 
 def read_json_gz(path: Path) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..data.formats import compose, split_title  # noqa: F401  (re-exported: moved to the data layer)
 from ..data.parsing import (DataError, _find, _int_field, _open_text_lines, _split_fields, read_json_gz,
-                            read_movie_genres, read_movies)
+                            read_movie_catalogue, read_movies)
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,9 @@ def movie_texts(folder: Path) -> ItemTexts:
     movies_path = _find(folder, "movies.dat")
     if movies_path is None:
         raise DataError(folder / "movies.dat", "file not found; the text features need the movie titles")
-    titles = read_movies(movies_path)
-    genres = read_movie_genres(movies_path)
+    catalogue = read_movie_catalogue(movies_path)
+    titles = {movie: title for movie, (title, _genres) in catalogue.items()}
+    genres = {movie: genre for movie, (_title, genre) in catalogue.items()}
     plots_path = _find(folder, PLOTS_FILE)
     plots, omdb_years = read_plots(plots_path) if plots_path else ({}, {})
     abstracts_path = _find(folder, ABSTRACTS_FILE)
