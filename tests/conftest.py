@@ -16,6 +16,17 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ML1M = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ml-1m"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add contention (10x slower on a busy 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def ml1m() -> Path:
     if not (ML1M / "interactions_all_users_ordered.tsv.gz").exists():

@@ -23,12 +23,7 @@ from .fedtools import tiny_config, tiny_dataset, tiny_features
 NUM_ITEMS, HIDDEN, L, DV, DT, B, K = 30, 16, 6, 12, 10, 3, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(on: bool, trained_tower: bool = False, **overrides) -> UR4RecV2MoE:

@@ -20,13 +20,7 @@ B, N, K = 4, 6, 5
 AUX_GROUPS = ["projectors", "experts", "router", "gate"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention (10x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(seed: int = 0, features: bool = True, **overrides) -> UR4RecV2MoE:
