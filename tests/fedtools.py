@@ -58,3 +58,16 @@ def tiny_config(stage: int = 1, **overrides) -> TrainConfig:
                     use_memory=True, gating_init=0.5)
     base.update(overrides)
     return apply_overrides(TrainConfig(), {k: v for k, v in base.items()}, "test")
+
+
+def stage3_after_stage1(tmp_path: Path, **stage3_keys):
+    """One tiny Stage 1 round, then one Stage 3 round with ``stage3_keys``; the Stage 3 run's history
+    and the run rebuilt from its directory (``restore``), to check a setting survives the round trip."""
+    from feddmmr.engine.assemble import restore
+    from feddmmr.runner import run_federated
+
+    data, features = tiny_dataset(tmp_path), tiny_features(tmp_path)
+    run_federated(tiny_config(1, num_rounds=1), data, tmp_path / "stage1", progress=False)
+    history = run_federated(tiny_config(3, num_rounds=1, **stage3_keys), data, tmp_path / "s3", features,
+                            tmp_path / "stage1", progress=False)
+    return history, restore(tmp_path / "s3", data)

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from feddmmr.config import ConfigError, TrainConfig, validate_config
 from feddmmr.models import UR4RecV2MoE
 from feddmmr.models.groups import group_of
-from feddmmr.runner import run_federated
 
-from .fedtools import tiny_config, tiny_dataset, tiny_features
+from .fedtools import stage3_after_stage1, tiny_config
 
 NUM_ITEMS, HIDDEN, L, DV, DT, B, K = 30, 16, 6, 12, 10, 3, 4
 
@@ -159,15 +158,9 @@ def test_it_needs_the_memory_features_and_trained_projectors():
 
 
 def test_a_stage3_run_trains_the_tower_and_scores_the_same_after_restore(tmp_path):
-    from feddmmr.engine.assemble import restore
     from feddmmr.evaluation import evaluate
 
-    data, features = tiny_dataset(tmp_path), tiny_features(tmp_path)
-    stage1 = tmp_path / "stage1"
-    run_federated(tiny_config(1, num_rounds=1), data, stage1, progress=False)
-    history = run_federated(tiny_config(3, num_rounds=1, content_item_side=True), data, tmp_path / "s3",
-                            features, stage1, progress=False)
-    run = restore(tmp_path / "s3", data)
+    history, run = stage3_after_stage1(tmp_path, content_item_side=True)
     assert run.model.item_content is not None
     assert run.model.item_content.net[2].weight.abs().sum() > 0  # moved from its zero initialisation
     again = evaluate(run.scorer("test"), run.data, "test", "sampled", seed=0, max_len=8, num_negatives=10)

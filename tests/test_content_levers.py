@@ -13,7 +13,7 @@ from feddmmr.models import UR4RecV2MoE
 from feddmmr.models.groups import group_of
 from feddmmr.runner import run_federated
 
-from .fedtools import tiny_config, tiny_dataset, tiny_features
+from .fedtools import stage3_after_stage1, tiny_config, tiny_dataset, tiny_features
 
 
 def mean_pairwise_cosine(rows: torch.Tensor) -> float:
@@ -62,15 +62,9 @@ def test_standardising_is_off_by_default_and_outside_the_state_dict():
 
 
 def test_a_standardised_run_scores_the_same_after_restore(tmp_path):
-    from feddmmr.engine.assemble import restore
     from feddmmr.evaluation import evaluate
 
-    data, features = tiny_dataset(tmp_path), tiny_features(tmp_path)
-    stage1 = tmp_path / "stage1"
-    run_federated(tiny_config(1, num_rounds=1), data, stage1, progress=False)
-    history = run_federated(tiny_config(3, num_rounds=1, standardise_features=True), data, tmp_path / "s3",
-                            features, stage1, progress=False)
-    run = restore(tmp_path / "s3", data)
+    history, run = stage3_after_stage1(tmp_path, standardise_features=True)
     assert run.model.proj_visual.standardise and not torch.equal(run.model.proj_visual.scale,
                                                                  torch.ones_like(run.model.proj_visual.scale))
     again = evaluate(run.scorer("test"), run.data, "test", "sampled", seed=0, max_len=8, num_negatives=10)
