@@ -544,6 +544,6 @@ class LocalTrainer:
             memory_text = None if memory_text is None else memory_text.view(count, width, *memory_text.shape[1:])
         device = self.device
         align_items = torch.from_numpy(align).to(device) if (cfg.use_memory and cfg.contrastive_lambda > 0) else None
-        width = trim_padding(inputs)
-        return (torch.from_numpy(inputs[..., -width:]).to(device), torch.from_numpy(targets[..., -width:]).to(device),
+        real = trim_padding(inputs)  # positions: the longest real window of the step, not max_seq_len
+        return (torch.from_numpy(inputs[..., -real:]).to(device), torch.from_numpy(targets[..., -real:]).to(device),
                 negatives.to(device), memory_visual, memory_text, align_items)

@@ -68,6 +68,14 @@ class MemoryAttention(nn.Module):
         return self.out((weights @ v).transpose(1, 2).reshape(batch, cands, hidden))
 
 
+def _feature_statistics(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-dimension mean and std (floored) over the present rows of a feature table; None with < 2."""
+    rows = table[_present(table)]
+    if len(rows) < 2:
+        return None
+    return rows.mean(0), rows.std(0).clamp_min(1e-6)
+
+
 class Projector(nn.Sequential):
     """An item feature projector ``Linear -> GELU -> Linear``; with ``standardise`` its input is first
     z-scored per dimension (``shift``/``scale``: the catalogue's feature statistics, set by
@@ -85,10 +93,9 @@ class Projector(nn.Sequential):
 
     def set_statistics(self, table: torch.Tensor) -> None:
         """Mean and std per dimension over the rows of ``table`` that are present (not all zero)."""
-        rows = table[_present(table)]
-        if len(rows) >= 2:
-            self.shift = rows.mean(0).to(self.shift)
-            self.scale = rows.std(0).clamp_min(1e-6).to(self.scale)
+        stats = _feature_statistics(table)
+        if stats is not None:
+            self.shift, self.scale = stats[0].to(self.shift), stats[1].to(self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.standardise:
@@ -119,10 +126,10 @@ class ContentTower(nn.Module):
     def set_statistics(self, visual: torch.Tensor, text: torch.Tensor) -> None:
         """Mean and std per dimension over the present rows of each table (as ``Projector.set_statistics``)."""
         for name, table in (("visual", visual), ("text", text)):
-            rows = table[_present(table)]
-            if len(rows) >= 2:
-                setattr(self, f"{name}_shift", rows.mean(0).to(getattr(self, f"{name}_shift")))
-                setattr(self, f"{name}_scale", rows.std(0).clamp_min(1e-6).to(getattr(self, f"{name}_scale")))
+            stats = _feature_statistics(table)
+            if stats is not None:
+                setattr(self, f"{name}_shift", stats[0].to(getattr(self, f"{name}_shift")))
+                setattr(self, f"{name}_scale", stats[1].to(getattr(self, f"{name}_scale")))
 
     def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """``visual [..., Dv]``, ``text [..., Dt]`` raw feature rows (zero = missing) -> ``[..., hidden]``."""
