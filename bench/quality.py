@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/quality.py --data ../shared/data/ml-1m [--quick] [--seeds 0 1 2]
         [--out bench/results/quality] [--features features/ml-1m] [--only NAME ...] [--set key=value ...]
-        [--epochs 10] [--stage1-preset stage1_tuned] [--stage3-preset stage3_tuned]
+        [--epochs 10] [--stage1-preset stage1_cohort20] [--stage3-preset stage3_tuned]
         [--stage2-preset stage2_alignment] [--stage3-after2-preset stage3_tuned] [--force]
 
 The defaults are the pipeline's presets (``feddmmr pipeline``); the seed's own schedule is
@@ -22,6 +22,11 @@ Methods (``--only`` names), each trained/scored once per seed:
   no_text           feddmmr_1_3 with use_text=false
   no_memory         feddmmr_1_3 whose experts read only the short-term window (see NO_MEMORY below)
   fixed_gate        feddmmr_1_3 with fix_gate=true (the gate stays at gating_init)
+  no_router         feddmmr_1_3 with use_router=false (the two experts mixed equally)
+  fair_control      FedSASRec continued with Stage 3's schedule (rounds, clients, local epochs, learning
+                    rate; the backbone trained, no memory): what Stage 3 gets from its extra rounds alone
+  knn_fusion        fair_control's model plus w x content_knn's scores (late fusion), w picked from
+                    ``FUSION_WEIGHTS`` by validation full NDCG@10 (no further training)
 
 A method's dependencies (the seed's Stage 1 or Stage 2 run) are trained first when missing. Each
 run writes ``<out>/<name>_seed<k>.json`` (config, final metrics, best round, seconds, validation
@@ -79,6 +84,10 @@ NO_MEMORY_NOTE = ("LT memory off: lt_capacity=0 (nothing is ever written to the 
                   "use_prototypes=false; the experts read the memory_top_k most recent distinct items of the "
                   "short-term window.")
 
+# The fair control: Stage 3's schedule without the multimodal branch (only the backbone trains, as in
+# Stage 3, whose item embedding is frozen), so "Stage 3 vs Stage 1" is not confounded with more training.
+FAIR_CONTROL = {"use_memory": False, "trainable_groups": ["backbone"]}
+
 
 # --------------------------------------------------------------------------- the methods
 
@@ -97,6 +106,11 @@ METHODS = {
     "no_memory": ("FedDMMR 1->3, no LT memory (ST window only)", "federated", "stage3_preset", "fedsasrec",
                   NO_MEMORY, True),
     "fixed_gate": ("FedDMMR 1->3, gate fixed", "federated", "stage3_preset", "fedsasrec", {"fix_gate": True}, True),
+    "no_router": ("FedDMMR 1->3, no router (experts mixed equally)", "federated", "stage3_preset", "fedsasrec",
+                  {"use_router": False}, True),
+    "fair_control": ("Fair control: FedSASRec + Stage 3's rounds, no memory", "federated", "stage3_preset",
+                     "fedsasrec", FAIR_CONTROL, True),
+    "knn_fusion": ("Fair control + content kNN (late fusion)", "fusion", None, "fair_control", {}, True),
 }
 # The seed project's own figures (its README; SPEC §6): reported, not reproduced; its protocol's
 # negatives and users are not ours, so they sit beside the table rather than in it.
@@ -128,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"the most active N users, or 'all' (the papers' protocol: all 6,040 ML-1M users); "
                         f"default 1000 (--quick: {QUICK_USERS})")
     p.add_argument("--epochs", type=int, default=None, help="centralized epochs (default 10, --quick 1)")
-    p.add_argument("--stage1-preset", default="stage1_tuned")
+    p.add_argument("--stage1-preset", default="stage1_cohort20")
     p.add_argument("--stage2-preset", default="stage2_alignment")
     p.add_argument("--stage3-preset", default="stage3_tuned", help="Stage 3 after Stage 1 (1->3 and ablations)")
     p.add_argument("--stage3-after2-preset", default="stage3_tuned", help="Stage 3 after Stage 2 (1->2->3)")
@@ -256,7 +270,7 @@ def differing(a: dict | None, b: dict | None) -> list[str]:
 
 # --------------------------------------------------------------------------- one run
 
-BASELINES = ("popularity", "content_knn")  # scored, never trained
+BASELINES = ("popularity", "content_knn", "fusion")  # scored, never trained (fusion: a trained run's model)
 
 
 def new_item_keys(args: argparse.Namespace | None) -> dict:
@@ -279,6 +293,31 @@ def baseline_scorer(kind: str, data, args: argparse.Namespace):
 
     text, visual = load_features(Path(args.features), data.num_items)
     return baselines.content_knn_scorer(data, visual.features.float(), text.features.float())
+
+
+def fused_final(trained_dir: Path, data, seed: int, args: argparse.Namespace) -> dict:
+    """Late fusion of a trained run's model with the content kNN: the weight with the best validation
+    full NDCG@10 (ties: the smaller weight), then both splits and protocols at that weight."""
+    from feddmmr.baselines import FUSION_WEIGHTS, late_fusion_scorer
+    from feddmmr.engine.assemble import restore
+    from feddmmr.evaluation import FINAL_REQUESTS, evaluate
+
+    trained = restore(trained_dir, data, Path(args.features))
+    knn = baseline_scorer("content_knn", trained.data, args)
+    cache, max_len = Path(args.out) / "cache", trained.config.max_seq_len
+
+    def run(split: str, protocol: str, batch: int, weight: float) -> dict:
+        scorer = late_fusion_scorer(trained.scorer(split), knn, weight)
+        return evaluate(scorer, trained.data, split, protocol, seed=seed, max_len=max_len, batch_size=batch,
+                        cache_dir=cache, num_negatives=trained.config.eval_negatives)
+
+    val = {w: run("val", "full", 64, w)["NDCG@10"] for w in FUSION_WEIGHTS}
+    best = max(FUSION_WEIGHTS, key=lambda w: (val[w], -w))
+    log.info("late fusion of %s: validation full NDCG@10 by weight %s; weight %g", trained_dir,
+             {w: round(v, 4) for w, v in val.items()}, best)
+    final = {f"{split}_{protocol}": run(split, protocol, batch, best) for split, protocol, batch in FINAL_REQUESTS}
+    return {"final": final, "best_round": None, "fusion_weight": best, "val_curve": [],
+            "fusion_val_ndcg10": {str(w): v for w, v in val.items()}}
 
 
 def run_one(name: str, seed: int, args: argparse.Namespace, data, data_info: dict) -> dict:
@@ -320,11 +359,15 @@ def run_one(name: str, seed: int, args: argparse.Namespace, data, data_info: dic
         from feddmmr.evaluation import PROTOCOLS, evaluate
 
         scored = data.with_cold_items(spec["protocol"]["cold_item_fraction"], spec["protocol"]["cold_item_seed"])
-        scorer = baseline_scorer(kind, scored, args)
-        final = {f"{split}_{protocol}": evaluate(scorer, scored, split, protocol, seed=seed, cache_dir=out / "cache",
-                                                 num_negatives=100, batch_size=256)
-                 for split in ("val", "test") for protocol in PROTOCOLS}
-        record.update(final=final, best_round=None, val_curve=[], train_seconds=0.0, memory_build_seconds=0.0)
+        if kind == "fusion":
+            record.update(fused_final(run_dir(out, dependency, seed), data, seed, args))
+        else:
+            scorer = baseline_scorer(kind, scored, args)
+            final = {f"{split}_{protocol}": evaluate(scorer, scored, split, protocol, seed=seed,
+                                                     cache_dir=out / "cache", num_negatives=100, batch_size=256)
+                     for split in ("val", "test") for protocol in PROTOCOLS}
+            record.update(final=final, best_round=None, val_curve=[])
+        record.update(train_seconds=0.0, memory_build_seconds=0.0)
     else:
         if args.force and directory.exists():
             shutil.rmtree(directory)
@@ -377,6 +420,7 @@ def mean_std(values: list[float], fmt: str = ".4f") -> str:
 
 
 def results_table(records: dict[str, list[dict]], args: argparse.Namespace, info: dict, data_info: dict) -> str:
+    from feddmmr.baselines import FUSION_WEIGHTS
     from feddmmr.evaluation import METRIC_NAMES
 
     seeds = sorted({r["seed"] for runs in records.values() for r in runs})
@@ -387,7 +431,7 @@ def results_table(records: dict[str, list[dict]], args: argparse.Namespace, info
         "",
         f"ML-1M, the {data_info['users']} most active users ({data_info['interactions']} interactions, "
         f"{data_info['items']} items). **Test split** (leave-one-out: last item), each run's model at its "
-        "**best validation round** (validation NDCG@10, sampled protocol).",
+        "**best validation round** (validation NDCG@10 under each config's `eval_protocol`).",
         "",
         "* **sampled** (1 + 100): the held-out item against 100 negatives drawn uniformly without replacement "
         "from the occurring items the user never interacted with, drawn once per split and seed;",
@@ -401,6 +445,10 @@ def results_table(records: dict[str, list[dict]], args: argparse.Namespace, info
         + (f"; `--set {' '.join(args.set)}`" if args.set else "") + ".",
         f"* No LT memory: {NO_MEMORY_NOTE}",
         "* Gate fixed: `fix_gate=true`, the residual gate stays at `gating_init` (neither trained nor sent).",
+        "* No router: `use_router=false`, the two experts mixed equally where both are usable (neither trained nor sent).",
+        "* Fair control: FedSASRec continued with the Stage 3 preset's schedule, no memory, the backbone trained "
+        "(`use_memory=false`, `trainable_groups=[backbone]`). Late fusion: its model's scores plus w x the "
+        "content kNN's, w from " + ", ".join(map(str, FUSION_WEIGHTS)) + " by validation full NDCG@10.",
         f"* Machine: {info['nproc']} CPUs (`nproc`), {info['cpu']}, torch {info['torch']} "
         f"({info['torch_threads']} threads), commit {info['commit']}, {info['date']}; load average "
         f"{info['load_avg']} at the start of the bench (the machine may be shared: seconds are wall clock).",
@@ -521,7 +569,7 @@ def run_quality(args: argparse.Namespace) -> str:
     data_info = data.stats()
     log.info("data: %s", json.dumps(data_info))
     names = with_dependencies(args.only or list(METHODS))
-    needs_features = "content_knn" in names or any(run_config(n, args.seeds[0], args).use_memory for n in names
+    needs_features = {"content_knn", "knn_fusion"} & set(names) or any(run_config(n, args.seeds[0], args).use_memory for n in names
                                                    if METHODS[n][1] not in BASELINES)
     if needs_features:
         ensure_features(data, args.data, Path(args.features), not args.no_progress)

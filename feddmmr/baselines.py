@@ -67,3 +67,21 @@ def content_knn_scorer(data: SequenceDataset, visual: torch.Tensor | None, text:
         return (vectors[items] * profile[:, None, :]).sum(-1)
 
     return score
+
+
+FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # the grid a late fusion's weight is chosen from
+
+
+def late_fusion_scorer(model: ScoreFn, content: ScoreFn, weight: float) -> ScoreFn:
+    """A trained model's scores plus ``weight`` x a content scorer's (late fusion: the simplest way
+    to add content to a recommender, the reference the experts must beat). Raw scores, not
+    standardised per row: a catalogue scored block by block must give an item the same score in
+    any block."""
+
+    def score(users: np.ndarray, seq: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+        base = model(users, seq, items).double()
+        if weight == 0:
+            return base
+        return base + weight * content(users, seq, items).to(base.device, torch.float64)
+
+    return score

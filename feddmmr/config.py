@@ -75,6 +75,7 @@ class TrainConfig:
     dropout: float = 0.1
     gating_init: float = 0.01
     fix_gate: bool = False  # ablation: keep the gate at gating_init
+    use_router: bool = True  # False (ablation): the experts are mixed equally; the router is neither trained nor sent
     contrastive_lambda: float = 0.5
     load_balance_lambda: float = 0.01
     contrastive_temperature: float = 0.07
@@ -106,10 +107,12 @@ class TrainConfig:
 
     @property
     def transmitted_groups(self) -> list[str]:
-        """Only the groups a stage trains travel; the gate stays home when it is fixed."""
+        """Only the groups a stage trains travel; a fixed gate or an unused router stays home."""
         groups = list(self.trainable_groups)
         if self.fix_gate and "gate" in groups:
             groups.remove("gate")
+        if not self.use_router and "router" in groups:
+            groups.remove("router")
         return groups
 
     @property
@@ -125,7 +128,8 @@ class TrainConfig:
                     contrastive_temperature=self.contrastive_temperature,
                     **({"standardise_features": True} if self.standardise_features else {}),
                     **({"content_item_side": True} if self.content_item_side else {}),
-                    **({"content_id_dropout": self.content_id_dropout} if self.content_id_dropout else {}))
+                    **({"content_id_dropout": self.content_id_dropout} if self.content_id_dropout else {}),
+                    **({"use_router": False} if not self.use_router else {}))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -283,6 +283,16 @@ def test_stage3_local_steps_read_both_memory_modalities_and_align_them(tmp_path)
     assert quiet.metrics["contrastive"] == 0.0
 
 
+def test_an_unused_router_is_neither_trained_nor_sent(tmp_path):
+    config = tiny_config(3, use_router=False, local_epochs=2, learning_rate=0.05)
+    fed, clients, trainer = _trainer(tmp_path, config)
+    start = {k: v.clone() for k, v in fed.model.group_state(config.transmitted_groups).items()}
+    update = trainer.train(clients[1], start, seed=0)
+    assert "router" in config.trainable_groups and "router" not in config.transmitted_groups
+    assert not any(k.startswith("router.") for k in update.state)
+    assert any(not torch.equal(update.state[k], start[k]) for k in update.state)
+
+
 def test_fixed_gate_is_neither_trained_nor_sent(tmp_path):
     """``fix_gate`` trains exactly as a stage without the gate group: a gate that moved locally would
     change every other parameter's update, even if the gate itself were never sent."""

@@ -439,6 +439,20 @@ def test_candidate_without_poster_gets_no_visual_weight():
     assert torch.equal(table_w[..., 0], torch.zeros(B, 2))
 
 
+def test_without_the_router_the_experts_are_mixed_equally_whatever_its_weights():
+    model = make_model(use_router=False).eval()
+    _, cands, mem_vis, mem_txt = batch(14)
+    with torch.no_grad():
+        bonus, weights, balance = model.auxiliary(cands, mem_vis, mem_txt)
+        model.router[-1].bias.add_(torch.tensor([5.0, -5.0]))  # a router that would pick the visual expert
+        moved, _, _ = model.auxiliary(cands, mem_vis, mem_txt)
+        only_text, no_poster, _ = model.auxiliary(torch.full((B, 2), 1), mem_vis, mem_txt)  # item 1: no poster
+    assert torch.equal(weights, torch.full_like(weights, 0.5))
+    assert torch.equal(bonus, moved)
+    assert balance.item() == 0.0
+    assert torch.equal(no_poster[..., 1], torch.ones(B, 2))
+
+
 def test_given_target_features_are_per_row_not_per_item_id():
     """The same item id in every row, its poster missing in row 0 only: row 0 alone loses w_vis.
 

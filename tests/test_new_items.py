@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from feddmmr.baselines import content_knn_scorer, popularity_scorer
+from feddmmr.baselines import content_knn_scorer, late_fusion_scorer, popularity_scorer
 from feddmmr.config import ConfigError, validate_config
 from feddmmr.data.dataset import ranges
 from feddmmr.engine.assemble import assemble, restore
@@ -177,3 +177,18 @@ def test_content_knn_ranks_by_content_and_scores_new_items(tmp_path, data, cold)
     result = evaluate(scorer, cold, "test", "full")
     # the tiny users stay inside one genre: content finds new targets where popularity cannot
     assert result["new"]["HR@10"] > 0.5 > evaluate(popularity_scorer(cold), cold, "test", "full")["new"]["HR@10"]
+
+
+def test_late_fusion_adds_the_weighted_content_scores_to_the_models(tmp_path, data, cold):
+    text, visual = load_features(tiny_features(tmp_path))
+    knn = content_knn_scorer(cold, visual.features.float(), text.features.float(), last=5)
+    popular = popularity_scorer(cold)
+    users, seq, items = np.array([0, 1]), torch.tensor([[0, 0, 1, 2, 3], [0, 21, 22, 23, 24]]), torch.tensor([[5, 30]] * 2)
+    for candidates in (None, items):
+        fused = late_fusion_scorer(popular, knn, 2.0)(users, seq, candidates)
+        assert torch.allclose(fused, popular(users, seq, candidates).double() + 2.0 * knn(users, seq, candidates))
+        assert torch.equal(late_fusion_scorer(popular, knn, 0.0)(users, seq, candidates),
+                           popular(users, seq, candidates).double())
+    # content lifts the new targets popularity cannot reach, without training anything
+    alone = evaluate(popular, cold, "test", "full")["new"]["HR@10"]
+    assert evaluate(late_fusion_scorer(popular, knn, 100.0), cold, "test", "full")["new"]["HR@10"] > alone

@@ -149,7 +149,7 @@ class UR4RecV2MoE(nn.Module):
                  gating_init: float = 0.01, contrastive_lambda: float = 0.5,
                  load_balance_lambda: float = 0.01, contrastive_temperature: float = 0.07,
                  visual_expert_heads: int = 1, standardise_features: bool = False,
-                 content_item_side: bool = False, content_id_dropout: float = 0.0):
+                 content_item_side: bool = False, content_id_dropout: float = 0.0, use_router: bool = True):
         super().__init__()
         hidden = sasrec_hidden_dim
         self.num_items, self.hidden, self.max_seq_len = num_items, hidden, max_seq_len
@@ -172,6 +172,7 @@ class UR4RecV2MoE(nn.Module):
         if content_id_dropout and not content_item_side:
             raise ValueError("content_id_dropout needs content_item_side (it drops ID rows so content scores alone)")
         self.content_id_dropout = content_id_dropout
+        self.use_router = use_router  # False: equal logits, the two experts mixed equally where both are usable
 
     # ------------------------------------------------------------------ parameter groups
     def named_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -326,7 +327,12 @@ class UR4RecV2MoE(nn.Module):
 
         available = torch.stack([has_tvis & usable_vis.any(1, keepdim=True),
                                  usable_txt.any(1, keepdim=True).expand(-1, cands)], dim=-1)
-        router = per_item["router"] if "router" in per_item else self.router(torch.cat([tgt_vis, tgt_txt], dim=-1))
+        if not self.use_router:
+            router = torch.zeros_like(available, dtype=tgt_txt.dtype)
+        elif "router" in per_item:
+            router = per_item["router"]
+        else:
+            router = self.router(torch.cat([tgt_vis, tgt_txt], dim=-1))
         logits = torch.where(available, router, -1e4)
         weights = torch.softmax(logits, dim=-1) * available
         aux = weights[..., :1] * vis + weights[..., 1:] * sem
