@@ -150,6 +150,8 @@ def read_table(path: Path, columns: TableColumns = TableColumns(), sep: str | No
     users = frame[columns.user].astype(str).to_numpy()
     items = frame[columns.item].astype(str).to_numpy()
     for name, values in ((columns.user, users), (columns.item, items)):
+        if frame[name].dtype != object:  # numbers (a Parquet integer column) are never blank
+            continue
         blank = np.flatnonzero(np.char.str_len(values.astype(str)) == 0)
         if blank.size:
             raise DataError(path, f"empty value in column {name!r}", _table_line(path, int(blank[0])))
