@@ -103,6 +103,9 @@ def test_a_tables_raw_ids_are_indexed_in_string_order_by_hashing_them_not_by_sor
         assert np.asarray(values).dtype != object, "a sort of every row's string id"
         return sort(values, *args, **kwargs)
 
+    table = read_interactions(tmp_path / "events.parquet")  # integer ids, read as the strings they print as
+    assert table.users.tolist() == frame.user_id.astype(str).tolist()
+    assert table.items.tolist() == frame.item_id.astype(str).tolist()
     monkeypatch.setattr(np, "unique", no_object_rows)
     data = load_dataset(tmp_path / "events.parquet")
     assert data.user_ids.tolist() == ["200", "30", "4"]  # string order, as the ids are read
