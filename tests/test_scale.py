@@ -95,10 +95,11 @@ def test_full_ranking_in_item_blocks_gives_the_ranks_of_one_pass(tmp_path):
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_a_scoring_batch_put_through_the_model_a_few_users_at_a_time_changes_no_score(tmp_path, stage):
-    """The evaluation scorer puts a batch through the model at most ``pairs`` (user, candidate) pairs
-    at a time (so a full-ranking batch never holds the experts' activations of all its users): every
-    score is the one-call score bit for bit, in one pass over the catalogue and in item blocks, so
-    no metric of either protocol depends on it."""
+    """With a memory (Stage 3) the evaluation scorer puts a batch through the model about ``pairs``
+    (user, candidate) pairs at a time (so a full-ranking batch never holds the experts' activations
+    of all its users): every score is the one-call score bit for bit, in one pass over the catalogue
+    and in item blocks, so no metric of either protocol depends on it. Without a memory (Stage 1)
+    a batch is one call."""
     import feddmmr.engine.assemble as assemble_module
     from feddmmr.evaluation import PROTOCOLS, SCORED_PAIRS, evaluate
 
@@ -119,9 +120,15 @@ def test_a_scoring_batch_put_through_the_model_a_few_users_at_a_time_changes_no_
         scorer = {pairs: assemble_module.memory_scorer(model, assembly.content, memory, prototypes, pairs=pairs)
                   for pairs in (SCORED_PAIRS, four_users, fewest)}
         seq = torch.from_numpy(data.padded_inputs(split, users, 8))
-        with torch.no_grad():
-            whole = scorer[SCORED_PAIRS](users, seq, None)
-            assert all(torch.equal(scorer[pairs](users, seq, None), whole) for pairs in (four_users, fewest))
+        calls, score = [], model.score
+        model.score = lambda *args, **kwargs: calls.append(len(args[0])) or score(*args, **kwargs)
+        try:
+            with torch.no_grad():
+                whole = scorer[SCORED_PAIRS](users, seq, None)
+                assert all(torch.equal(scorer[pairs](users, seq, None), whole) for pairs in (four_users, fewest))
+        finally:
+            del model.score
+        assert calls == ([12, 4, 4, 4] + [2] * 6 if stage == 3 else [12] * 3)
         results = {}
         for protocol in PROTOCOLS:
             first, *others = (evaluate(scorer[pairs], data, split, protocol, max_len=8,
@@ -142,8 +149,8 @@ def test_a_scoring_batch_put_through_the_model_a_few_users_at_a_time_changes_no_
 def test_a_scoring_batch_is_split_evenly_and_never_into_a_call_of_one_user_out_of_several():
     from feddmmr.engine.assemble import scoring_calls
 
-    assert scoring_calls(64, 3953, 16 * 4096) == 4  # ML-1M's full ranking: 4 calls of 16 users
-    assert scoring_calls(256, 101, 16 * 4096) == 1  # a sampled batch: one call
+    assert scoring_calls(64, 3953, 8 * 4096) == 8  # ML-1M's full ranking: 8 calls of 8 users
+    assert scoring_calls(256, 101, 8 * 4096) == 1  # a sampled batch: one call
     assert scoring_calls(1, 3953, 1) == 1
     for users in range(1, 70):
         for rows in (1, 2, 3, 16):

@@ -148,10 +148,11 @@ def memory_scorer(model: UR4RecV2MoE, content: ItemContent, memory_ids: np.ndarr
 
     Over a catalogue streamed in blocks, the experts' item-only terms are computed once for the
     whole evaluation instead of once per batch and block, and a batch's sequence representation
-    and memory once for all its blocks. A batch goes through the model a few users at a time (about
-    ``pairs`` (user, candidate) pairs a call, :func:`scoring_calls`): the scores are the whole
-    batch's bit for bit, while a full-ranking batch never holds the experts' ``[users, catalogue, D]``
-    activations of all its users at once."""
+    and memory once for all its blocks. With a memory, a batch goes through the model a few users at
+    a time (about ``pairs`` (user, candidate) pairs a call, :func:`scoring_calls`): the scores are the
+    whole batch's bit for bit, while a full-ranking batch never holds the experts' ``[users,
+    catalogue, D]`` activations of all its users at once (without a memory there are no such
+    activations, and one call per batch holds less)."""
     blocks = model.num_items > ITEM_BLOCK
     tables = None
     if memory_ids is not None and blocks:
@@ -167,7 +168,8 @@ def memory_scorer(model: UR4RecV2MoE, content: ItemContent, memory_ids: np.ndarr
         hidden, (memory_visual, memory_text) = batch["hidden"], batch["memory"]
         if items is None:
             items = torch.arange(model.num_items, device=device).expand(len(users), -1)
-        calls = scoring_calls(len(users), items.shape[1], pairs)
+        calls = scoring_calls(len(users), items.shape[1], pairs) if memory_visual is not None or \
+            memory_text is not None else 1
         if calls == 1:
             return model.score(hidden, items, memory_visual, memory_text, tables=tables, shared_candidates=blocks)
         bounds = np.linspace(0, len(users), calls + 1).round().astype(int)
