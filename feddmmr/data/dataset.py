@@ -214,7 +214,7 @@ def unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(values, return_inverse=True)``, the same arrays, without sorting every value.
 
     Raw ids read from tables are strings (object arrays): sorting millions of them compares Python
-    objects one pair at a time, minutes at 10^7 interactions, all of it in one call that holds the
+    objects one pair at a time, about a minute at 10^7 interactions, in one call that holds the
     GIL (a Flower ClientApp's heartbeat thread then cannot run, and the SuperNode declares the app
     dead). The distinct values are found by hashing instead and only they are sorted."""
     if values.dtype != object:
