@@ -38,6 +38,8 @@ FINAL_REQUESTS = tuple((split, protocol, 256 if protocol == "sampled" else 64)
                        for split in ("val", "test") for protocol in PROTOCOLS)  # (split, protocol, batch) at the end
 NUM_SAMPLED_NEGATIVES = 100
 ITEM_BLOCK = 8192  # full ranking over a larger catalogue streams it in blocks of this many items
+SCORED_PAIRS = 8 * 4096  # (user, candidate) pairs the memory's scorer puts through the experts at once: a
+# full-ranking batch is scored a few users at a time (bit-identical scores; bounds their [users, items, D] activations)
 
 # score_fn(user_rows [B], input_seq [B, L], items [B, N] or None) -> scores [B, N] or [B, num_items]
 ScoreFn = Callable[[np.ndarray, torch.Tensor, torch.Tensor | None], torch.Tensor]

@@ -93,6 +93,73 @@ def test_full_ranking_in_item_blocks_gives_the_ranks_of_one_pass(tmp_path):
             assert blocked == whole, (stage, split)
 
 
+@pytest.mark.parametrize("stage", [1, 3])
+def test_a_scoring_batch_put_through_the_model_a_few_users_at_a_time_changes_no_score(tmp_path, stage):
+    """With a memory (Stage 3) the evaluation scorer puts a batch through the model about ``pairs``
+    (user, candidate) pairs at a time (so a full-ranking batch never holds the experts' activations
+    of all its users): every score is the one-call score bit for bit, in one pass over the catalogue
+    and in item blocks, so no metric of either protocol depends on it. Without a memory (Stage 1)
+    a batch is one call."""
+    import feddmmr.engine.assemble as assemble_module
+    from feddmmr.evaluation import PROTOCOLS, SCORED_PAIRS, evaluate
+
+    data, features = tiny_dataset(tmp_path), tiny_features(tmp_path)
+    run_federated(tiny_config(1), data, tmp_path / "s1", progress=False)
+    config = tiny_config(stage)
+    assembly = assemble(config, data, features if stage == 3 else None, tmp_path / "s1" if stage == 3 else None)
+    local = LocalClients(assembly, assembly.build_clients(), None)
+    model = assembly.model.eval()
+    # Stage 3: global prototypes join every user's memory, as from round 2 on
+    prototypes = torch.nn.functional.normalize(torch.randn(2, 16 + 8), dim=-1) if stage == 3 else None
+    users = np.arange(data.num_users)
+    fewest, four_users = 1, 4 * data.num_items  # pairs per model call: 6 calls of 2 users, 3 calls of 4
+    assert [assemble_module.scoring_calls(len(users), data.num_items, pairs)
+            for pairs in (SCORED_PAIRS, four_users, fewest)] == [1, 3, 6]
+    for split in ("val", "test"):
+        memory = local.memory_ids(split)
+        scorer = {pairs: assemble_module.memory_scorer(model, assembly.content, memory, prototypes, pairs=pairs)
+                  for pairs in (SCORED_PAIRS, four_users, fewest)}
+        seq = torch.from_numpy(data.padded_inputs(split, users, 8))
+        calls, score = [], model.score
+        model.score = lambda *args, **kwargs: calls.append(len(args[0])) or score(*args, **kwargs)
+        try:
+            with torch.no_grad():
+                whole = scorer[SCORED_PAIRS](users, seq, None)
+                assert all(torch.equal(scorer[pairs](users, seq, None), whole) for pairs in (four_users, fewest))
+        finally:
+            del model.score
+        assert calls == ([12, 4, 4, 4] + [2] * 6 if stage == 3 else [12] * 3)
+        results = {}
+        for protocol in PROTOCOLS:
+            first, *others = (evaluate(scorer[pairs], data, split, protocol, max_len=8,
+                                             num_negatives=config.eval_negatives) for pairs in scorer)
+            assert all(other == first for other in others), (split, protocol)
+            results[protocol] = first
+        original = assemble_module.ITEM_BLOCK
+        assemble_module.ITEM_BLOCK = 7  # in item blocks, as for a large catalogue
+        try:
+            blocked = [assemble_module.memory_scorer(model, assembly.content, memory, prototypes, pairs=pairs)
+                       for pairs in (SCORED_PAIRS, fewest)]
+        finally:
+            assemble_module.ITEM_BLOCK = original
+        first, second = (evaluate(s, data, split, "full", max_len=8, item_block=7) for s in blocked)
+        assert first == second == results["full"], split
+
+
+def test_a_scoring_batch_is_split_evenly_and_never_into_a_call_of_one_user_out_of_several():
+    from feddmmr.engine.assemble import scoring_calls
+
+    assert scoring_calls(64, 3953, 8 * 4096) == 8  # ML-1M's full ranking: 8 calls of 8 users
+    assert scoring_calls(256, 101, 8 * 4096) == 1  # a sampled batch: one call
+    assert scoring_calls(1, 3953, 1) == 1
+    for users in range(1, 70):
+        for rows in (1, 2, 3, 16):
+            calls = scoring_calls(users, 100, rows * 100)
+            sizes = np.diff(np.linspace(0, users, calls + 1).round().astype(int))
+            assert sizes.sum() == users and (sizes.min() >= 2 or users == 1), (users, rows)
+            assert sizes.max() <= max(rows, 2) + 1, (users, rows)
+
+
 def test_an_evaluation_memory_built_alone_is_the_one_a_built_client_carries(tmp_path):
     data, features = tiny_dataset(tmp_path), tiny_features(tmp_path)
     run_federated(tiny_config(1), data, tmp_path / "s1", progress=False)

@@ -210,13 +210,32 @@ def top_users(counts: np.ndarray, raw_ids: np.ndarray, n: int) -> np.ndarray:
     return np.sort(order[:n])
 
 
+def unique_inverse(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)``, the same arrays, without sorting every value.
+
+    Raw ids read from tables are strings (object arrays): sorting millions of them compares Python
+    objects one pair at a time, about a minute at 10^7 interactions, in one call that holds the
+    GIL (a Flower ClientApp's heartbeat thread then cannot run, and the SuperNode declares the app
+    dead). The distinct values are found by hashing instead and only they are sorted."""
+    if values.dtype != object:
+        return np.unique(values, return_inverse=True)
+    import pandas as pd
+
+    codes, distinct = pd.factorize(values, use_na_sentinel=False)  # in order of first appearance
+    distinct = np.asarray(distinct, dtype=object)
+    order = np.argsort(distinct, kind="stable")
+    rank = np.empty(len(order), dtype=np.intp)
+    rank[order] = np.arange(len(order))
+    return distinct[order], rank[codes]
+
+
 def build_sequences(table: Interactions, top_n: int | None = None,
                     min_interactions: int = MIN_INTERACTIONS) -> SequenceDataset:
     users, items, order = table.users, table.items, table.order
     remap = table.layout in REMAPPED
     item_texts: dict = {}
     if remap:
-        raw_items, item_index = np.unique(items, return_inverse=True)
+        raw_items, item_index = unique_inverse(items)
         item_index = item_index.astype(np.int64) + 1
         item_raw_ids = np.concatenate([np.array([""], dtype=object), raw_items.astype(object)])
         num_items = len(raw_items) + 1
@@ -240,7 +259,7 @@ def build_sequences(table: Interactions, top_n: int | None = None,
         num_items = max(int(items.max()), catalogue_max) + 1
         titles = dict(table.titles)
 
-    raw_users, user_row = np.unique(users, return_inverse=True)
+    raw_users, user_row = unique_inverse(users)
     # per user, time order; ties keep file order (lexsort is stable on the last key)
     rows = np.lexsort((np.arange(len(users)), order, user_row))
     user_row, item_index = user_row[rows], item_index[rows]
@@ -272,7 +291,7 @@ def build_sequences(table: Interactions, top_n: int | None = None,
 def why_absent(table: Interactions, user: str, top_n: int | None,
                 min_interactions: int = MIN_INTERACTIONS) -> str:
     """Why raw user id ``user`` is not among a dataset's users, and what to pass instead (one line)."""
-    raw_users, user_row = np.unique(table.users, return_inverse=True)
+    raw_users, user_row = unique_inverse(table.users)
     counts = np.bincount(user_row, minlength=len(raw_users))
     match = np.flatnonzero(raw_users.astype(str) == user)
     if match.size == 0:

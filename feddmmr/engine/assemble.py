@@ -18,7 +18,7 @@ from ..config import TrainConfig, apply_overrides, load_preset, stage_preset
 from ..data.dataset import SequenceDataset
 from ..data.dataset import SPLITS
 from ..devices import resolve_device
-from ..evaluation import ITEM_BLOCK, ScoreFn, evaluate
+from ..evaluation import ITEM_BLOCK, SCORED_PAIRS, ScoreFn, evaluate
 from ..features.store import load_features
 from ..federation import checkpoint as ckpt
 from ..federation.client import (ClientData, ItemContent, LocalTrainer, build_clients, build_eval_memory,
@@ -143,12 +143,16 @@ def stage_config(stage: int, init: Path | str | None = None, preset: str | Path 
 
 
 def memory_scorer(model: UR4RecV2MoE, content: ItemContent, memory_ids: np.ndarray | None,
-                  prototypes: torch.Tensor | None) -> ScoreFn:
+                  prototypes: torch.Tensor | None, pairs: int = SCORED_PAIRS) -> ScoreFn:
     """The evaluation scorer: the last position's representation, the users' memory, one scoring rule.
 
     Over a catalogue streamed in blocks, the experts' item-only terms are computed once for the
     whole evaluation instead of once per batch and block, and a batch's sequence representation
-    and memory once for all its blocks."""
+    and memory once for all its blocks. With a memory, a batch goes through the model a few users at
+    a time (about ``pairs`` (user, candidate) pairs a call, :func:`scoring_calls`): the scores are the
+    whole batch's bit for bit, while a full-ranking batch never holds the experts' ``[users,
+    catalogue, D]`` activations of all its users at once (without a memory there are no such
+    activations, and one call per batch holds less)."""
     blocks = model.num_items > ITEM_BLOCK
     tables = None
     if memory_ids is not None and blocks:
@@ -164,9 +168,26 @@ def memory_scorer(model: UR4RecV2MoE, content: ItemContent, memory_ids: np.ndarr
         hidden, (memory_visual, memory_text) = batch["hidden"], batch["memory"]
         if items is None:
             items = torch.arange(model.num_items, device=device).expand(len(users), -1)
-        return model.score(hidden, items, memory_visual, memory_text, tables=tables, shared_candidates=blocks)
+        calls = scoring_calls(len(users), items.shape[1], pairs) if memory_visual is not None or \
+            memory_text is not None else 1
+        if calls == 1:
+            return model.score(hidden, items, memory_visual, memory_text, tables=tables, shared_candidates=blocks)
+        bounds = np.linspace(0, len(users), calls + 1).round().astype(int)
+        part = lambda x, lo, hi: None if x is None else x[lo:hi]  # noqa: E731
+        return torch.cat([model.score(hidden[lo:hi], items[lo:hi], part(memory_visual, lo, hi),
+                                      part(memory_text, lo, hi), tables=tables, shared_candidates=blocks)
+                          for lo, hi in zip(bounds[:-1], bounds[1:])])
 
     return score
+
+
+def scoring_calls(users: int, candidates: int, pairs: int) -> int:
+    """Into how many model calls :func:`memory_scorer` splits a batch of ``users`` x ``candidates``: about
+    ``pairs`` pairs a call, split evenly, never a call of one user out of several (a single row takes
+    another matrix-product path in the experts' attention, whose last bits may differ; the users of
+    a call of two or more are scored as in one call of the whole batch, bit for bit)."""
+    rows = max(2, pairs // max(1, candidates))
+    return max(1, min(-(-users // rows), users // 2))
 
 
 def eval_memory(clients: dict[int, ClientData], split: str, num_users: int, top_k: int,
