@@ -59,10 +59,17 @@ class MemoryAttention(nn.Module):
         self.heads = heads
         self.q, self.k, self.v, self.out = (nn.Linear(hidden, hidden) for _ in range(4))
 
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``self.k(memory)``, ``self.v(memory)`` (what a caller scoring many candidate blocks over one memory
+        passes to every :meth:`forward` instead of projecting the memory again)."""
+        return self.k(memory), self.v(memory)
+
     def forward(self, query: torch.Tensor, memory: torch.Tensor, usable: torch.Tensor,
-                projected: torch.Tensor | None = None) -> torch.Tensor:
+                projected: torch.Tensor | None = None,
+                keys_values: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``query`` may be ``[1, C, D]`` (the same candidates for every row): projected once, broadcast.
-        ``projected`` is ``self.q(query)`` when the caller has it already (per item, gathered)."""
+        ``projected`` is ``self.q(query)`` when the caller has it already (per item, gathered);
+        ``keys_values`` likewise :meth:`keys_values` of ``memory``."""
         batch, (cands, hidden) = memory.shape[0], query.shape[1:]
         split = lambda x: x.view(x.shape[0], x.shape[1], self.heads, hidden // self.heads).transpose(1, 2)
         # rows without a usable entry attend to everything and are zeroed by the router weight;
@@ -72,7 +79,8 @@ class MemoryAttention(nn.Module):
         else:
             mask = (usable | ~usable.any(1, keepdim=True))[:, None, None, :]
         q = split(self.q(query) if projected is None else projected)
-        k, v = split(self.k(memory)), split(self.v(memory))
+        k, v = (self.k(memory), self.v(memory)) if keys_values is None else keys_values
+        k, v = split(k), split(v)
         weights = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf")).softmax(-1)
         return self.out((weights @ v).transpose(1, 2).reshape(batch, cands, hidden))
 
@@ -394,6 +402,7 @@ class UR4RecV2MoE(nn.Module):
         if not torch.is_grad_enabled():
             width = max(1, self.POOLED_BLOCK // max(1, batch * entries * self.semantic_expert.heads))
         tables = tables or {}
+        vis_kv, sem_kv = self.visual_expert.keys_values(mem_vis), self.semantic_expert.keys_values(mem_txt)
         bonuses, weights_out, balances = [], [], []
         for lo in range(0, cands, width):
             part = items[:, lo:lo + width]
@@ -419,8 +428,8 @@ class UR4RecV2MoE(nn.Module):
             see_vis, see_txt = visible & usable_vis.unsqueeze(1), visible & usable_txt.unsqueeze(1)
             target_emb = self.sasrec.item_emb(part)
             per_item = {key: tables[key][part] for key in ("visual_query", "semantic_query", "router") if key in tables}
-            vis = self.vis_ln(self.visual_expert(tgt_vis, mem_vis, see_vis, per_item.get("visual_query")))
-            sem = self.sem_ln(self.semantic_expert(target_emb, mem_txt, see_txt, per_item.get("semantic_query")))
+            vis = self.vis_ln(self.visual_expert(tgt_vis, mem_vis, see_vis, per_item.get("visual_query"), vis_kv))
+            sem = self.sem_ln(self.semantic_expert(target_emb, mem_txt, see_txt, per_item.get("semantic_query"), sem_kv))
             available = torch.stack([has_tvis & see_vis.any(-1), see_txt.any(-1)], dim=-1)
             router = per_item["router"] if "router" in per_item else self.router(torch.cat([tgt_vis, tgt_txt], dim=-1))
             logits = torch.where(available, router, -1e4)
