@@ -99,9 +99,10 @@ def test_candidate_rows_hold_the_short_term_share_and_the_whole_long_term_pool()
     pool = row[8:][row[8:] != 0]
     lt = memories[1].lt_items
     assert sorted(pool.tolist()) == sorted(set(lt.tolist()) - set(short.tolist()))
-    budget = pool_budget(row[None], 8)[0]
+    budget, ids = pool_budget(row[None], 8)[0].T
     assert (budget[:8] == 0).all() and (budget[8:][row[8:] != 0] == 8 - len(short)).all()
     assert (budget[8:][row[8:] == 0] == 0).all()
+    assert (ids[:8] == 0).all() and np.array_equal(ids[8:], row[8:])
 
 
 def _pooled_model(candidate_retrieval: int = 4):
@@ -146,13 +147,18 @@ def test_pooled_experts_with_every_entry_visible_are_the_default_experts_and_blo
     model, visual, text, ids, pool = _pooled_model(candidate_retrieval=11)
     items = torch.randint(1, 30, (3, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        every = torch.where(pool > 0, torch.full_like(pool, 99), pool)
+        budget = pool[..., 0]
+        every = torch.where(budget > 0, torch.full_like(budget, 99), budget)
         assert torch.equal(model.auxiliary(items, visual[ids], text[ids], memory_pool=every)[0],
                            model.auxiliary(items, visual[ids], text[ids])[0])
         model.candidate_retrieval = 4
         whole = model.auxiliary(items, visual[ids], text[ids], memory_pool=pool)[0]
         model.POOLED_BLOCK = 20  # evaluation processes the candidates in blocks
         assert torch.allclose(model.auxiliary(items, visual[ids], text[ids], memory_pool=pool)[0], whole, atol=1e-6)
+        # the item x item cosine table and the feature rows choose the same entries
+        assert torch.allclose(model.auxiliary(items, visual[ids], text[ids], memory_pool=pool[..., 0])[0], whole,
+                              atol=1e-6)
+        assert model.item_similarity.shape == (30, 30)
 
 
 def test_training_and_evaluation_read_the_memory_through_the_same_candidate_rule(tmp_path, monkeypatch):

@@ -159,13 +159,38 @@ def memory_scorer(model: UR4RecV2MoE, content: ItemContent, memory_ids: np.ndarr
     (``memory_retrieval = "candidate"``; the memory's ``top_k``), each candidate reads its own entries."""
     blocks = model.num_items > ITEM_BLOCK
     tables = None
-    if memory_ids is not None and blocks:
+    if memory_ids is not None and (blocks or pool_top_k):
         with torch.no_grad():
             tables = model.projected_tables()
     batch: dict = {}  # the last batch's input tensor (kept alive, so identity is safe) and its user side
     device = model.device  # seq and items come on it (evaluate(..., device=model.device))
 
+    def pooled(users: np.ndarray, seq: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+        """Candidate retrieval: the batch's users in groups of similar long-term pool size, each group's rows
+        cut after its own longest pool (the attention is ``[B, heads, C, K]``: K is the cost)."""
+        if batch.get("seq") is not seq:
+            ids = memory_ids[users]
+            order = np.argsort((ids[:, pool_top_k:] != 0).sum(1), kind="stable")
+            groups = [order[lo:lo + POOL_GROUP] for lo in range(0, len(order), POOL_GROUP)]
+            batch.update(seq=seq, hidden=model.encode(seq)[:, -1], groups=groups,
+                         memory=[content.pooled_memory(ids[g], prototypes, device, pool_top_k) for g in groups])
+        hidden = batch["hidden"]
+        if items is None:
+            items = torch.arange(model.num_items, device=device).expand(len(users), -1)
+        out = None
+        for group, (memory_visual, memory_text, memory_pool) in zip(batch["groups"], batch["memory"]):
+            rows = torch.from_numpy(group).to(device)
+            candidates = items[:1].expand(len(group), -1) if items.stride(0) == 0 else items[rows]
+            part = model.score(hidden[rows], candidates, memory_visual, memory_text, tables=tables,
+                               shared_candidates=blocks, memory_pool=memory_pool)
+            if out is None:
+                out = part.new_empty(len(users), part.shape[1])
+            out[rows] = part
+        return out
+
     def score(users: np.ndarray, seq: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+        if pool_top_k and memory_ids is not None:
+            return pooled(users, seq, items)
         if batch.get("seq") is not seq:
             memory = (content.pooled_memory(memory_ids[users], prototypes, device, pool_top_k)
                       if memory_ids is not None else (None, None, None))
@@ -179,6 +204,9 @@ def memory_scorer(model: UR4RecV2MoE, content: ItemContent, memory_ids: np.ndarr
                            memory_pool=memory_pool)
 
     return score
+
+
+POOL_GROUP = 64  # candidate retrieval: users scored together (sorted by pool size; see memory_scorer)
 
 
 def pool_top_k(config: TrainConfig) -> int:

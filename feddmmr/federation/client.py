@@ -265,15 +265,15 @@ class ItemContent:
     def pooled_memory(self, ids: np.ndarray, prototypes: torch.Tensor | None, device: torch.device | str,
                       top_k: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """:meth:`memory` plus, with candidate-conditioned retrieval (``top_k`` > 0: rows laid out by
-        ``LocalMemory.retrieve``), the ``memory_pool [B, K(+P)]`` budgets (:func:`pool_budget`); the rows
+        ``LocalMemory.retrieve``), the ``memory_pool [B, K(+P), 2]`` budgets and ids (:func:`pool_budget`); the rows
         are cut after their last used pool slot. ``top_k`` = 0: :meth:`memory` and no pool."""
         if not top_k:
             return (*self.memory(ids, prototypes, device), None)
         ids = trim_pool(ids, top_k)
         visual, text = self.memory(ids, prototypes, device)
         budget = pool_budget(ids, top_k)
-        extra = (visual if visual is not None else text).shape[-2] - budget.shape[-1]  # the global prototypes
-        budget = np.concatenate([budget, np.zeros((*budget.shape[:-1], extra), dtype=np.int64)], -1)
+        extra = (visual if visual is not None else text).shape[-2] - budget.shape[-2]  # the global prototypes
+        budget = np.concatenate([budget, np.zeros((*budget.shape[:-2], extra, 2), dtype=np.int64)], -2)
         return visual, text, torch.from_numpy(budget).to(device)
 
     def memory(self, ids: np.ndarray, prototypes: torch.Tensor | None,
@@ -305,13 +305,14 @@ def trim_pool(ids: np.ndarray, top_k: int) -> np.ndarray:
 
 
 def pool_budget(ids: np.ndarray, top_k: int) -> np.ndarray:
-    """``memory_pool`` for candidate-conditioned rows (``LocalMemory.retrieve`` with ``retrieval="candidate"``):
-    0 for the short-term region (the first ``top_k`` slots, always read) and empty slots; for a used pool
-    slot, how many pool entries each candidate reads: ``top_k`` minus the row's short-term items."""
+    """``memory_pool [..., K, 2]`` for candidate-conditioned rows (``LocalMemory.retrieve`` with
+    ``retrieval="candidate"``). ``[..., 0]``: 0 for the short-term region (the first ``top_k`` slots,
+    always read) and empty slots; for a used pool slot, how many pool entries each candidate reads:
+    ``top_k`` minus the row's short-term items. ``[..., 1]``: the pool slot's item id (0 elsewhere)."""
     short = (ids[..., :top_k] != 0).sum(-1, keepdims=True)
     budget = np.where(ids != 0, top_k - short, 0)
     budget[..., :top_k] = 0
-    return budget.astype(np.int64)
+    return np.stack([budget, np.where(budget > 0, ids, 0)], axis=-1).astype(np.int64)
 
 
 def catalogue_mask(num_items: int, item_pool, device: torch.device | str = "cpu") -> torch.Tensor | None:
@@ -650,7 +651,7 @@ class LocalTrainer:
         if cfg.use_memory and self.pool_top_k:  # candidate-conditioned retrieval: rows cut after their pools
             memory_visual, memory_text, memory_pool = self.content.pooled_memory(
                 memory.reshape(count * width, memory_k), prototypes, self.device, self.pool_top_k)
-            memory_pool = memory_pool.view(count, width, -1)
+            memory_pool = memory_pool.view(count, width, -1, 2)
         elif cfg.use_memory:
             memory_visual, memory_text = self.content.memory(memory.reshape(count * width, memory_k), prototypes,
                                                              self.device)
