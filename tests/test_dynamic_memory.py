@@ -344,3 +344,26 @@ def test_packed_memories_keep_the_surprise_steps(tmp_path):
     assert again[0].surprised.tolist() == [2, 5] and again[3].surprised.tolist() == [1] and not len(again[1].surprised)
     for user, client in clients.items():
         assert np.array_equal(again[user].memory, client.memory)
+
+
+def test_a_flower_node_trains_and_scores_with_candidate_retrieval_as_in_process(tmp_path):
+    """The Flower path accepts memory_retrieval=candidate: a node (the ClientApp's runtime) builds the wide
+    rows, trains with the pooled experts and scores as the in-process clients do."""
+    from feddmmr.engine.assemble import LocalClients
+    from feddmmr.flower import core
+
+    data, features = tiny_dataset(tmp_path), tiny_features(tmp_path)
+    config = tiny_config(3, memory_retrieval="candidate", trainable_groups=["item_embedding", "backbone", "projectors",
+                                                                            "experts", "router", "gate"])
+    node = core.NodeRuntime(config, data, features, None)
+    users = np.arange(data.num_users)
+    node.ensure_clients(users)
+    assert all(c.memory.shape[1] == config.memory_top_k + config.lt_capacity for c in node.clients.values())
+    state = node.assembly.model.group_state(config.transmitted_groups)
+    update = node.train(users[:4], state, 1, None)
+    assert update.total > 0 and all(torch.isfinite(v).all() for v in update.sums.values())
+    request = [("val", "full", 64)]
+    ours = node.evaluate_users(users, state, None, request)[0]
+    assembly = assemble(config, data, features, None)
+    theirs = LocalClients(assembly, assembly.build_clients(), None).evaluate(assembly.model, None, request)[0]
+    assert ours == theirs
