@@ -367,3 +367,14 @@ def test_a_flower_node_trains_and_scores_with_candidate_retrieval_as_in_process(
     assembly = assemble(config, data, features, None)
     theirs = LocalClients(assembly, assembly.build_clients(), None).evaluate(assembly.model, None, request)[0]
     assert ours == theirs
+
+
+def test_the_centralized_reference_reads_candidate_retrieval_and_refuses_the_trigger(tmp_path):
+    from feddmmr.centralized import run_centralized
+
+    data, features = tiny_dataset(tmp_path), tiny_features(tmp_path)
+    init = _stage1(tmp_path, data)
+    history = run_centralized(tiny_config(3, memory_retrieval="candidate"), data, tmp_path / "c", 1, features, init)
+    assert np.isfinite(history["rounds"][0]["losses"]["next_item"])
+    with pytest.raises(ValueError, match="surprise_trigger"):
+        run_centralized(tiny_config(3, surprise_trigger=True), data, tmp_path / "d", 1, features, init)
