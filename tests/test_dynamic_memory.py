@@ -378,3 +378,16 @@ def test_the_centralized_reference_reads_candidate_retrieval_and_refuses_the_tri
     assert np.isfinite(history["rounds"][0]["losses"]["next_item"])
     with pytest.raises(ValueError, match="surprise_trigger"):
         run_centralized(tiny_config(3, surprise_trigger=True), data, tmp_path / "d", 1, features, init)
+
+
+def test_pooled_experts_follow_the_router_ablation():
+    """use_router=false mixes the experts equally in the pooled path too (the same rule as the default path)."""
+    model, visual, text, ids, pool = _pooled_model(candidate_retrieval=11)
+    model.use_router = False
+    items = torch.randint(1, 30, (3, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        budget = pool[..., 0]
+        every = torch.where(budget > 0, torch.full_like(budget, 99), budget)
+        pooled, weights, _ = model.auxiliary(items, visual[ids], text[ids], memory_pool=every)
+        plain, plain_weights, _ = model.auxiliary(items, visual[ids], text[ids])
+    assert torch.equal(pooled, plain) and torch.equal(weights, plain_weights)

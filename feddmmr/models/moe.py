@@ -449,7 +449,12 @@ class UR4RecV2MoE(nn.Module):
             vis = self.vis_ln(self.visual_expert(tgt_vis, mem_vis, see_vis, per_item.get("visual_query"), vis_kv))
             sem = self.sem_ln(self.semantic_expert(target_emb, mem_txt, see_txt, per_item.get("semantic_query"), sem_kv))
             available = torch.stack([has_tvis & see_vis.any(-1), see_txt.any(-1)], dim=-1)
-            router = per_item["router"] if "router" in per_item else self.router(torch.cat([tgt_vis, tgt_txt], dim=-1))
+            if not self.use_router:
+                router = torch.zeros_like(available, dtype=tgt_txt.dtype)
+            elif "router" in per_item:
+                router = per_item["router"]
+            else:
+                router = self.router(torch.cat([tgt_vis, tgt_txt], dim=-1))
             logits = torch.where(available, router, -1e4)
             weights = torch.softmax(logits, dim=-1) * available
             aux = weights[..., :1] * vis + weights[..., 1:] * sem
