@@ -52,7 +52,7 @@ class InProcess(LocalClients):
             if isinstance(result, ClientFailure):
                 dropped[user] = result.reason
                 continue
-            self.remember_surprise(user, result.surprise)  # the client's memory, for later rounds
+            self.remember_surprise(user, self.trainer.surprised_steps.pop(user, None))  # its memory, for later rounds
             if config.attack == "none":
                 offer(self.reply(user, result, clients[user]))
                 answers.append(user)

@@ -46,7 +46,7 @@ def test_every_key_is_off_by_default_and_leaves_the_model_and_the_memory_as_befo
     batch = trainer._batch([client], [np.arange(len(client.inputs))], [torch.Generator().manual_seed(0)], None)
     assert len(batch) == 6  # no memory_pool: the model is called as before
     update = trainer.train(client, assembly.model.group_state(config.transmitted_groups), seed=1)
-    assert update.surprise is None and "position_loss" not in update.metrics
+    assert not trainer.surprised_steps and "position_loss" not in update.metrics
     assert not any(key.startswith("surprise") for key in pack_clients(clients))
 
 
@@ -228,11 +228,14 @@ def test_local_training_reports_each_positions_loss_and_flags_training_steps_onl
     trainer = assembly.trainer()
     state = assembly.model.group_state(config.transmitted_groups)
     updates = trainer.train_many([clients[u] for u in range(4)], state, [1, 2, 3, 4])
+    assert sorted(trainer.surprised_steps) == [0, 1, 2, 3]
     for user, update in enumerate(updates):
         train_len = len(data.sequence(user)) - 2
-        assert len(update.surprise) >= 1
-        assert update.surprise.min() >= 1 and update.surprise.max() < train_len  # targets of training windows
-        assert "position_loss" not in update.metrics
+        steps = trainer.surprised_steps[user]  # kept on the client side: the update carries none of it
+        assert len(steps) >= 1
+        assert steps.min() >= 1 and steps.max() < train_len  # targets of training windows
+        assert "position_loss" not in update.metrics and set(vars(update)) == {"state", "num_samples",
+                                                                               "prototypes", "metrics"}
 
 
 # --------------------------------------------------------------------------- no leakage, with surprise writes

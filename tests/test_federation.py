@@ -200,8 +200,7 @@ def test_a_client_returns_only_its_trained_groups_a_count_and_prototypes(tmp_pat
     global_state = fed.model.group_state(config.transmitted_groups)
     update = trainer.train(clients[0], global_state, seed=0)
     assert isinstance(update, ClientUpdate)
-    assert set(vars(update)) == {"state", "num_samples", "prototypes", "metrics", "surprise"}
-    assert update.surprise is None  # (surprise_trigger's steps: kept by the client, never in a Reply)
+    assert set(vars(update)) == {"state", "num_samples", "prototypes", "metrics"}
     assert {group_of(k) for k in update.state} == expected
     assert update.num_samples == clients[0].num_samples == len(fed.data.sequence(0)) - 3
     assert all(isinstance(v, float) for v in update.metrics.values())

@@ -234,7 +234,6 @@ class ClientUpdate:
     num_samples: int
     prototypes: np.ndarray | None
     metrics: dict[str, float]
-    surprise: np.ndarray | None = None  # surprise_trigger: training steps found surprising (stays on the client)
 
 
 @dataclass
@@ -398,6 +397,9 @@ class LocalTrainer:
                                catalogue_mask(model.num_items, item_pool, self.device), config.gbce_t,
                                position_losses=config.surprise_trigger)
         self.pool_top_k = config.memory_top_k if config.memory_retrieval == "candidate" else 0
+        # surprise_trigger: user -> the training steps its last local training found surprising; read (and
+        # removed) by whoever holds the client's memory. Client-side state, not part of any ClientUpdate.
+        self.surprised_steps: dict[int, np.ndarray] = {}
         self._grads: dict[tuple, callable] = {}
 
     def _grad(self, params, *batch):
@@ -558,8 +560,9 @@ class LocalTrainer:
                 full[rows[index, :counts[index]].cpu()] = params[item][index, :counts[index]].cpu()
                 state = {n: full if n == item else state[n] for n in self.names}
             shared = client.prototypes if (cfg.use_memory and cfg.use_prototypes) else None
-            surprise = self.surprising(client, seen[index]) if seen is not None else None
-            updates.append(ClientUpdate(state, client.num_samples, shared, metrics, surprise))
+            if seen is not None:  # stays on the client side: never part of what leaves it (ClientUpdate)
+                self.surprised_steps[client.user] = self.surprising(client, seen[index])
+            updates.append(ClientUpdate(state, client.num_samples, shared, metrics))
         return updates
 
     def surprising(self, client: ClientData, losses: np.ndarray) -> np.ndarray:
