@@ -30,6 +30,9 @@ def run_centralized(config: TrainConfig, data: SequenceDataset, out_dir: Path, e
     """Train ``epochs`` passes over the pooled windows; the run directory as a federated run writes it
     (one epoch per round entry, no resume point)."""
     out_dir = Path(out_dir)
+    if config.surprise_trigger:
+        raise ValueError("config key 'surprise_trigger' needs clients whose memories persist between rounds; the "
+                         "centralized reference pools every window into one training set: set it to false")
     assembly = assemble(config, data, features_dir, init_dir)
     model = assembly.model
     clients = assembly.build_clients()
@@ -82,7 +85,11 @@ def pooled_pass(model, optimizer: torch.optim.Optimizer, inputs: np.ndarray, tar
             pool[torch.randint(len(pool), (len(rows), config.num_negatives), generator=generator,
                                device=generator.device)].to(device)
         memory_visual = memory_text = None
-        if config.use_memory:
+        extra = {}
+        if config.use_memory and config.memory_retrieval == "candidate":
+            memory_visual, memory_text, extra["memory_pool"] = content.pooled_memory(memory[rows], prototypes, device,
+                                                                                     config.memory_top_k)
+        elif config.use_memory:
             memory_visual, memory_text = content.memory(memory[rows], prototypes, device)
         align = None
         if config.use_memory and config.contrastive_lambda > 0:
@@ -90,7 +97,7 @@ def pooled_pass(model, optimizer: torch.optim.Optimizer, inputs: np.ndarray, tar
         width = trim_padding(inputs[rows])
         out = model.losses(torch.from_numpy(inputs[rows, -width:]).to(device),
                            torch.from_numpy(targets[rows, -width:]).to(device), negatives, memory_visual, memory_text,
-                           align_items=align, objective=config.loss, catalogue=catalogue, gbce_t=config.gbce_t)
+                           align_items=align, objective=config.loss, catalogue=catalogue, gbce_t=config.gbce_t, **extra)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()

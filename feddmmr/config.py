@@ -99,6 +99,11 @@ class TrainConfig:
     num_prototypes: int = 5
     use_prototypes: bool = True
     num_global_prototypes: int = 10
+    # the seed's dynamic memory (issue #14; docs/quality-memory.md, "The seed's memory as written"); off by default
+    memory_retrieval: str = "centroid"  # centroid: LT entries ranked by the ST centroid | candidate: by each candidate item
+    surprise_trigger: bool = False  # local training writes its high-loss training items to the client's LT memory
+    surprise_quantile: float = 0.9  # surprise_threshold < 0: a position is surprising above this quantile of the client's losses
+    surprise_threshold: float = -1.0  # >= 0: a fixed loss threshold instead of the client's quantile
     # differential privacy (central, user-level; see federation/privacy.py). Off unless sigma or a target epsilon is set.
     dp_noise_multiplier: float = 0.0  # sigma: noise std = sigma * dp_clip_norm on the sum of clipped updates
     dp_target_epsilon: float = 0.0  # > 0: sigma from the RDP accountant to reach this epsilon after num_rounds
@@ -129,7 +134,8 @@ class TrainConfig:
                     **({"standardise_features": True} if self.standardise_features else {}),
                     **({"content_item_side": True} if self.content_item_side else {}),
                     **({"content_id_dropout": self.content_id_dropout} if self.content_id_dropout else {}),
-                    **({"use_router": False} if not self.use_router else {}))
+                    **({"use_router": False} if not self.use_router else {}),
+                    **({"candidate_retrieval": self.memory_top_k} if self.memory_retrieval == "candidate" else {}))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -186,6 +192,7 @@ RANGES: dict[str, Range] = {
     "lt_capacity": NON_NEGATIVE, "novelty_threshold": Range(None, 1), "novelty_quantile": FRACTION,
     "duplicate_threshold": Range(-1, 1), "recency_half_life": STRICTLY_POSITIVE, "recency_weight": FRACTION,
     "st_fraction": FRACTION, "num_prototypes": POSITIVE, "num_global_prototypes": POSITIVE,
+    "surprise_quantile": FRACTION, "surprise_threshold": Range(),
     "client_dropout": Range(0, 1, open_high=True), "min_clients": POSITIVE,
     "trim_fraction": Range(0, 0.5, open_high=True), "clip_norm": NON_NEGATIVE, "attack_fraction": FRACTION,
     "attack_scale": Range(), "dp_noise_multiplier": NON_NEGATIVE, "dp_target_epsilon": NON_NEGATIVE,
@@ -204,6 +211,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "aggregation": AGGREGATIONS,
     "attack": ATTACKS,
     "device": DEVICES,
+    "memory_retrieval": ("centroid", "candidate"),
 }
 
 
@@ -283,6 +291,7 @@ def validate_config(config: TrainConfig, source: str = "config", *, num_users: i
     if config.content_id_dropout and not config.content_item_side:
         raise ConfigError(f"{source}: config key 'content_id_dropout' = {config.content_id_dropout} needs "
                           "content_item_side=true (it drops ID rows so that the content term scores alone)")
+    _check_dynamic_memory(config, source)
     if config.aggregation == "fedprox" and not config.fedprox_mu > 0:
         raise ConfigError(f"{source}: config key 'fedprox_mu': aggregation='fedprox' needs fedprox_mu > 0 (the "
                           f"proximal weight, e.g. 0.01), got {config.fedprox_mu}")
@@ -299,6 +308,21 @@ def validate_config(config: TrainConfig, source: str = "config", *, num_users: i
     else:  # on Flower each node resolves the device on its own hardware (the server never trains)
         _check_device(config, source)
     return config
+
+
+def _check_dynamic_memory(config: TrainConfig, source: str) -> None:
+    """The seed's dynamic memory keys need the memory; candidate retrieval is not built for the full softmax."""
+    if config.memory_retrieval == "candidate" and not config.use_memory:
+        raise ConfigError(f"{source}: config key 'memory_retrieval' = 'candidate' needs use_memory=true (a Stage 3 "
+                          "with the client memory)")
+    if config.memory_retrieval == "candidate" and config.loss == "full_softmax":
+        raise ConfigError(f"{source}: config key 'memory_retrieval' = 'candidate' cannot be combined with "
+                          "loss='full_softmax' (every catalogue item would read its own memory at every step); use "
+                          "loss='sampled_softmax' or 'gbce', or memory_retrieval='centroid'")
+    if config.surprise_trigger and not (config.use_memory and config.lt_capacity > 0):
+        raise ConfigError(f"{source}: config key 'surprise_trigger' needs use_memory=true and lt_capacity > 0 (it "
+                          f"writes to the long-term memory), got use_memory={config.use_memory}, "
+                          f"lt_capacity={config.lt_capacity}")
 
 
 CUDA_HELP = ("install a CUDA build of the pinned torch before the project, e.g. `pip install torch=={version} "
@@ -374,6 +398,9 @@ def _check_flower(config: TrainConfig, source: str, secure_aggregation: bool) ->
         problems.append("client_dropout > 0 (in-process fault injection; on Flower, stop a SuperNode instead)")
     if config.cold_item_fraction > 0:
         problems.append("cold_item_fraction > 0 (the new-item protocol; in-process only for now)")
+    if config.surprise_trigger:
+        problems.append("surprise_trigger=true (a client's memory updated by its training must persist between "
+                        "rounds and resumes on its node; in-process only for now)")
     if config.dp_enabled:
         problems.append("differential privacy (dp_noise_multiplier / dp_target_epsilon; in-process only: "
                         "`feddmmr train --set dp_...`)")

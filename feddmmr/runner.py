@@ -19,7 +19,7 @@ from .data.dataset import SequenceDataset
 from .engine.assemble import Assembly, LocalClients, assemble, client_seed
 from .engine.loop import Reply, RoundResult, run_rounds
 from .engine.run_dir import RunDir, run_config_payload
-from .federation.client import ClientData, ClientFailure, ClientUpdate, unpack_clients
+from .federation.client import ClientData, ClientFailure, ClientUpdate, unpack_clients, unpack_surprise
 from .federation.faults import inject_attacks
 from .federation.privacy import DifferentialPrivacy
 from .federation.server import dropped_clients
@@ -51,7 +51,9 @@ class InProcess(LocalClients):
             user = trained[index]
             if isinstance(result, ClientFailure):
                 dropped[user] = result.reason
-            elif config.attack == "none":
+                continue
+            self.remember_surprise(user, self.trainer.surprised_steps.pop(user, None))  # its memory, for later rounds
+            if config.attack == "none":
                 offer(self.reply(user, result, clients[user]))
                 answers.append(user)
             else:
@@ -92,6 +94,8 @@ def run_federated(config: TrainConfig, data: SequenceDataset, out_dir: Path, fea
     tick = time.time()
     if not config.resident_clients:
         transport = InProcess.on_demand(assembly, out_dir / "cache")
+        if point is not None and point.clients:  # the surprise trigger's steps (the rest is rebuilt)
+            transport.load_surprise(unpack_surprise(point.clients))
     elif point is not None and point.clients:  # the saved memories, not a rebuild (checked by digest)
         clients = unpack_clients(point.clients, assembly.data, config.max_seq_len, assembly.memory_config, assembly.space)
         transport = InProcess(assembly, clients, out_dir / "cache", (point.clients, point.clients_digest))

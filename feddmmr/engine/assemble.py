@@ -21,8 +21,8 @@ from ..devices import resolve_device
 from ..evaluation import ITEM_BLOCK, SCORED_PAIRS, ScoreFn, evaluate
 from ..features.store import load_features
 from ..federation import checkpoint as ckpt
-from ..federation.client import (ClientData, ItemContent, LocalTrainer, build_clients, build_eval_memory,
-                                 pack_clients)
+from ..federation.client import (ClientData, ItemContent, LocalTrainer, build_client, build_clients,
+                                 build_eval_memory, pack_clients, pack_surprise)
 from ..federation.memory import ItemSpace, MemoryConfig
 from ..federation.server import ServerOptimizer
 from ..models import PARAM_GROUPS, CheckpointError, UR4RecV2MoE
@@ -43,10 +43,17 @@ class Assembly:
     trained_groups: list[str]
     init_dir: str | None
 
-    def build_clients(self, users: np.ndarray | None = None, progress: bool = False) -> dict[int, ClientData]:
-        """The clients' windows and memories from their histories (all users, or ``users``)."""
+    def build_clients(self, users: np.ndarray | None = None, progress: bool = False,
+                      surprised: Mapping[int, np.ndarray] | None = None) -> dict[int, ClientData]:
+        """The clients' windows and memories from their histories (all users, or ``users``); ``surprised``:
+        user -> the training steps its surprise trigger wrote in earlier rounds."""
         return build_clients(self.data, self.config.max_seq_len, self.memory_config, self.space, users,
-                             self.config.seed, progress)
+                             self.config.seed, progress, surprised)
+
+    def rebuild_client(self, user: int, surprised: np.ndarray | None) -> ClientData:
+        """One client again, its memory read with ``surprised`` (the trigger's steps so far)."""
+        return build_client(self.data, user, self.config.max_seq_len, self.memory_config, self.space,
+                            self.config.seed + int(user), surprised)
 
     def trainer(self) -> LocalTrainer:
         """One local trainer on a copy of the global model (clients never touch the server's model)."""
@@ -143,7 +150,8 @@ def stage_config(stage: int, init: Path | str | None = None, preset: str | Path 
 
 
 def memory_scorer(model: UR4RecV2MoE, content: ItemContent, memory_ids: np.ndarray | None,
-                  prototypes: torch.Tensor | None, pairs: int = SCORED_PAIRS) -> ScoreFn:
+                  prototypes: torch.Tensor | None, pool_top_k: int = 0,
+                  pairs: int = SCORED_PAIRS) -> ScoreFn:
     """The evaluation scorer: the last position's representation, the users' memory, one scoring rule.
 
     Over a catalogue streamed in blocks, the experts' item-only terms are computed once for the
@@ -152,16 +160,43 @@ def memory_scorer(model: UR4RecV2MoE, content: ItemContent, memory_ids: np.ndarr
     a time (about ``pairs`` (user, candidate) pairs a call, :func:`scoring_calls`): the scores are the
     whole batch's bit for bit, while a full-ranking batch never holds the experts' ``[users,
     catalogue, D]`` activations of all its users at once (without a memory there are no such
-    activations, and one call per batch holds less)."""
+    activations, and one call per batch holds less).
+    ``pool_top_k`` > 0: candidate-conditioned retrieval (``memory_retrieval = "candidate"``; the
+    memory's ``top_k``), each candidate reads its own entries."""
     blocks = model.num_items > ITEM_BLOCK
     tables = None
-    if memory_ids is not None and blocks:
+    if memory_ids is not None and (blocks or pool_top_k):
         with torch.no_grad():
             tables = model.projected_tables()
     batch: dict = {}  # the last batch's input tensor (kept alive, so identity is safe) and its user side
     device = model.device  # seq and items come on it (evaluate(..., device=model.device))
 
+    def pooled(users: np.ndarray, seq: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+        """Candidate retrieval: the batch's users in groups of similar long-term pool size, each group's rows
+        cut after its own longest pool (the attention is ``[B, heads, C, K]``: K is the cost)."""
+        if batch.get("seq") is not seq:
+            ids = memory_ids[users]
+            order = np.argsort((ids[:, pool_top_k:] != 0).sum(1), kind="stable")
+            groups = [order[lo:lo + POOL_GROUP] for lo in range(0, len(order), POOL_GROUP)]
+            batch.update(seq=seq, hidden=model.encode(seq)[:, -1], groups=groups,
+                         memory=[content.pooled_memory(ids[g], prototypes, device, pool_top_k) for g in groups])
+        hidden = batch["hidden"]
+        if items is None:
+            items = torch.arange(model.num_items, device=device).expand(len(users), -1)
+        out = None
+        for group, (memory_visual, memory_text, memory_pool) in zip(batch["groups"], batch["memory"]):
+            rows = torch.from_numpy(group).to(device)
+            candidates = items[:1].expand(len(group), -1) if items.stride(0) == 0 else items[rows]
+            part = model.score(hidden[rows], candidates, memory_visual, memory_text, tables=tables,
+                               shared_candidates=blocks, memory_pool=memory_pool)
+            if out is None:
+                out = part.new_empty(len(users), part.shape[1])
+            out[rows] = part
+        return out
+
     def score(users: np.ndarray, seq: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+        if pool_top_k and memory_ids is not None:
+            return pooled(users, seq, items)
         if batch.get("seq") is not seq:
             memory = content.memory(memory_ids[users], prototypes, device) if memory_ids is not None else (None, None)
             batch.update(seq=seq, hidden=model.encode(seq)[:, -1], memory=memory)
@@ -190,9 +225,23 @@ def scoring_calls(users: int, candidates: int, pairs: int) -> int:
     return max(1, min(-(-users // rows), users // 2))
 
 
+POOL_GROUP = 64  # candidate retrieval: users scored together (sorted by pool size; see memory_scorer)
+
+
+def pool_top_k(config: TrainConfig) -> int:
+    """The memory's ``top_k`` with candidate-conditioned retrieval (what ``memory_scorer`` needs), else 0."""
+    return config.memory_top_k if config.use_memory and config.memory_retrieval == "candidate" else 0
+
+
+def memory_width(config: TrainConfig) -> int:
+    """Item ids per memory row (``MemoryConfig.width``)."""
+    return config.memory_top_k + (config.lt_capacity if config.memory_retrieval == "candidate" else 0)
+
+
 def eval_memory(clients: dict[int, ClientData], split: str, num_users: int, top_k: int,
                 use_memory: bool) -> np.ndarray | None:
-    """``[num_users, K]`` memory ids each user is scored with on ``split`` (rows of absent users stay empty)."""
+    """``[num_users, K]`` memory ids each user is scored with on ``split`` (rows of absent users stay empty;
+    ``top_k``: the row width, :func:`memory_width`)."""
     if not use_memory:
         return None
     out = np.zeros((num_users, top_k), dtype=np.int64)
@@ -226,9 +275,9 @@ class TrainedRun:
     data: SequenceDataset  # the data as the run saw it (its new items removed); score with this one
 
     def scorer(self, split: str) -> ScoreFn:
-        memory_ids = eval_memory(self.clients, split, len(self.clients), self.config.memory_top_k,
+        memory_ids = eval_memory(self.clients, split, len(self.clients), memory_width(self.config),
                                  self.config.use_memory)
-        return memory_scorer(self.model, self.content, memory_ids, self.prototypes)
+        return memory_scorer(self.model, self.content, memory_ids, self.prototypes, pool_top_k(self.config))
 
 
 def restore(run_dir: Path, data: SequenceDataset, features_dir: Path | None = None,
@@ -248,11 +297,23 @@ def restore(run_dir: Path, data: SequenceDataset, features_dir: Path | None = No
     if config.use_memory:
         model.set_item_features(content.visual, content.text)
     space, memory_config = _memory_parts(config, content)
-    clients = build_clients(data, config.max_seq_len, memory_config, space, seed=config.seed)
+    surprised = saved_surprise(run_dir) if config.surprise_trigger else None
+    clients = build_clients(data, config.max_seq_len, memory_config, space, seed=config.seed, surprised=surprised)
     prototypes = None
     if (run_dir / ckpt.BEST_PROTOTYPES_FILE).exists():
         prototypes = torch.from_numpy(load_npy(run_dir / ckpt.BEST_PROTOTYPES_FILE, kind="f", ndim=2))
     return TrainedRun(model, config, content, clients, prototypes, data)
+
+
+def saved_surprise(run_dir: Path) -> dict[int, np.ndarray]:
+    """The surprise trigger's steps per user at the end of a run (``memory_state.npz``; empty without)."""
+    from ..federation.client import unpack_surprise
+
+    path = Path(run_dir) / ckpt.MEMORY_FILE
+    if not path.exists():
+        return {}
+    with np.load(path, allow_pickle=False) as arrays:
+        return unpack_surprise({key: arrays[key] for key in arrays.files if key.startswith("surprise")})
 
 
 class LocalClients:
@@ -273,6 +334,9 @@ class LocalClients:
         self.resident = True
         self._memory_ids: dict[str, np.ndarray | None] = {}
         self._has_eval_memory: np.ndarray | None = None  # on demand, with memory: users whose rows are built
+        # surprise_trigger: user -> the training steps its trigger wrote (what each client's device keeps
+        # between rounds; a client's memory is its history read with them)
+        self.surprised: dict[int, np.ndarray] = {u: c.surprised for u, c in clients.items() if c.surprised is not None}
 
     @classmethod
     def on_demand(cls, assembly: Assembly, cache_dir: Path | None) -> "LocalClients":
@@ -287,7 +351,7 @@ class LocalClients:
         config = self.assembly.config
         self._memory_ids = {split: None for split in SPLITS}
         if config.use_memory:
-            self._memory_ids = {split: np.zeros((self.num_users, config.memory_top_k), dtype=np.int64)
+            self._memory_ids = {split: np.zeros((self.num_users, memory_width(config)), dtype=np.int64)
                                 for split in SPLITS}
             self._has_eval_memory = np.zeros(self.num_users, dtype=bool)
 
@@ -296,7 +360,7 @@ class LocalClients:
         (their evaluation memories, which come with them, are kept)."""
         if self.resident:
             return {u: self.clients[u] for u in users}
-        clients = self.assembly.build_clients(np.asarray(users, dtype=np.int64))
+        clients = self.assembly.build_clients(np.asarray(users, dtype=np.int64), surprised=self.surprised)
         if self._has_eval_memory is not None:
             for user, client in clients.items():
                 self._set_eval_memory(user, client.eval_memory)
@@ -315,7 +379,7 @@ class LocalClients:
         missing = np.unique(users[~self._has_eval_memory[users]])
         for user in missing.tolist():
             self._set_eval_memory(user, build_eval_memory(self.assembly.data, user, self.assembly.memory_config,
-                                                          self.assembly.space))
+                                                          self.assembly.space, self.surprised.get(user)))
         return int(len(missing))
 
     def eval_memory_arrays(self, users: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -343,7 +407,7 @@ class LocalClients:
             return self._memory_ids[split]
         if split not in self._memory_ids:
             config = self.assembly.config
-            self._memory_ids[split] = eval_memory(self.clients, split, self.num_users, config.memory_top_k,
+            self._memory_ids[split] = eval_memory(self.clients, split, self.num_users, memory_width(config),
                                                   config.use_memory)
         return self._memory_ids[split]
 
@@ -352,13 +416,51 @@ class LocalClients:
         """One result per ``(split, protocol, batch_size)`` request, over every user (or ``users``)."""
         config, data = self.assembly.config, self.assembly.data
         model.eval()
-        return [evaluate(memory_scorer(model, self.assembly.content, self.memory_ids(split, users), prototypes), data,
+        return [evaluate(memory_scorer(model, self.assembly.content, self.memory_ids(split, users), prototypes,
+                                       pool_top_k(config)), data,
                          split, protocol, seed=config.seed, max_len=config.max_seq_len, batch_size=batch_size,
                          cache_dir=self.cache_dir, users=users, num_negatives=config.eval_negatives,
                          device=model.device)
                 for split, protocol, batch_size in requests]
 
+    def remember_surprise(self, user: int, steps: np.ndarray | None) -> None:
+        """The surprise trigger after a client's local training: its surprising training steps join the
+        ones it kept, and its memory (snapshots, evaluation memory, prototypes) is read again with them.
+        Only later rounds see the change; a step writes its item at its own place in the history."""
+        if steps is None:
+            return
+        before = self.surprised.get(user, np.zeros(0, dtype=np.int64))
+        merged = np.union1d(before, np.asarray(steps, dtype=np.int64)).astype(np.int64)
+        if user in self.surprised and np.array_equal(merged, before):
+            return
+        self.surprised[user] = merged
+        if self.resident:
+            client = self.assembly.rebuild_client(user, merged)
+            self.clients[user] = client
+            for split, ids in self._memory_ids.items():
+                if ids is not None:
+                    ids[user] = client.eval_memory[split]
+            self.packed = None  # packed again when asked (memory())
+        elif self._has_eval_memory is not None:
+            self._set_eval_memory(user, build_eval_memory(self.assembly.data, user, self.assembly.memory_config,
+                                                          self.assembly.space, merged))
+
+    def load_surprise(self, surprised: Mapping[int, np.ndarray]) -> None:
+        """On demand, resuming: the trigger's steps saved by :meth:`memory` (evaluation memories rebuilt with them)."""
+        self.surprised = {int(u): np.asarray(s, dtype=np.int64) for u, s in surprised.items()}
+        if self._has_eval_memory is not None:
+            self._has_eval_memory[:] = False
+
     def memory(self) -> tuple[dict[str, np.ndarray], str] | None:
+        """The clients' packed memories and digest (held clients); built on demand, only the surprise
+        trigger's steps (all the rest is rebuilt from the data)."""
+        if self.resident and self.packed is None and self.clients:
+            arrays = pack_clients(self.clients)
+            self.packed = (arrays, ckpt.array_digest(arrays)) if arrays else None
+        if not self.resident and self.surprised:
+            users = sorted(self.surprised)
+            arrays = pack_surprise(users, [self.surprised[u] for u in users])
+            return arrays, ckpt.array_digest(arrays)
         return self.packed
 
     def summary(self) -> dict:

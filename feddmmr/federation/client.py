@@ -33,6 +33,7 @@ class ClientData:
     eval_memory: dict[str, np.ndarray] = field(default_factory=dict)  # split -> [K]
     prototypes: np.ndarray | None = None  # [k, D] K-Means centroids of the LT memory
     memory_state: LocalMemory | None = None
+    surprised: np.ndarray | None = None  # surprise_trigger: the training steps written as surprising (sorted)
 
     @property
     def num_samples(self) -> int:
@@ -48,9 +49,33 @@ def training_windows(sequence: np.ndarray, max_len: int) -> tuple[np.ndarray, np
     return last_n_padded(x, starts, ends, max_len), last_n_padded(y, starts, ends, max_len), starts
 
 
+def window_target_steps(num_train: int, max_len: int) -> np.ndarray:
+    """``[n, L]``: the index in the training sequence of each window position's target (-1: padding),
+    for a training sequence of ``num_train`` items cut as :func:`training_windows` cuts it."""
+    return training_windows(np.arange(1, num_train + 1), max_len)[1] - 1
+
+
+def surprise_flags(num_train: int, surprised: np.ndarray | None) -> np.ndarray | None:
+    """Bool ``[num_train]``: the training steps the surprise trigger wrote (None: none). Only training
+    items can be flagged: a step outside the training sequence (a validation or test item) is refused."""
+    if surprised is None or len(surprised) == 0:
+        return None
+    surprised = np.asarray(surprised, dtype=np.int64)
+    if surprised.min() < 0 or surprised.max() >= num_train:
+        raise ValueError(f"surprise steps must index the {num_train} training items, got {surprised.min()}.."
+                         f"{surprised.max()}")
+    flags = np.zeros(num_train, dtype=bool)
+    flags[surprised] = True
+    return flags
+
+
 def build_client(data: SequenceDataset, user: int, max_len: int, memory_config: MemoryConfig | None,
-                 space: ItemSpace | None, prototype_seed: int = 0) -> ClientData:
-    """Everything one client derives from its own history (runs on the client)."""
+                 space: ItemSpace | None, prototype_seed: int = 0, surprised: np.ndarray | None = None) -> ClientData:
+    """Everything one client derives from its own history (runs on the client).
+
+    ``surprised``: training steps the surprise trigger wrote in earlier rounds (``surprise_trigger``);
+    the memory is its history read in order, writing those items at their own step too, so a
+    window's snapshot (taken before it starts) holds only items before every position it predicts."""
     sequence = data.sequence(user)
     train = sequence[:-2]
     inputs, targets, starts = training_windows(train, max_len)
@@ -59,18 +84,21 @@ def build_client(data: SequenceDataset, user: int, max_len: int, memory_config: 
         return ClientData(user, inputs, targets, np.zeros((len(inputs), 0), dtype=np.int64),
                           {"val": nothing, "test": nothing})
     read, novel, memory = _history_memory(sequence, memory_config, space)
-    snapshots = np.zeros((len(starts), memory_config.top_k), dtype=np.int64)
+    flags = surprise_flags(len(train), surprised)
+    part = (lambda lo, hi: None) if flags is None else (lambda lo, hi: flags[lo:hi])
+    snapshots = np.zeros((len(starts), memory_config.width), dtype=np.int64)
     seen = 0
     for row in np.argsort(starts, kind="stable"):
-        memory.observe(train[seen:starts[row]], novel[seen:starts[row]])
+        memory.observe(train[seen:starts[row]], novel[seen:starts[row]], part(seen, int(starts[row])))
         seen = max(seen, int(starts[row]))
         snapshots[row] = memory.retrieve()
-    memory.observe(train[seen:], novel[seen:len(train)])
+    memory.observe(train[seen:], novel[seen:len(train)], part(seen, len(train)))
     eval_memory = {"val": memory.retrieve()}
     prototypes = memory.prototypes(prototype_seed)  # shared every round: from training items only
     memory.observe(read[len(train):], novel[len(train):])
     eval_memory["test"] = memory.retrieve()
-    return ClientData(user, inputs, targets, snapshots, eval_memory, prototypes, memory)
+    kept = None if surprised is None else np.unique(np.asarray(surprised, dtype=np.int64))
+    return ClientData(user, inputs, targets, snapshots, eval_memory, prototypes, memory, kept)
 
 
 def _history_memory(sequence: np.ndarray, memory_config: MemoryConfig,
@@ -86,13 +114,13 @@ def _history_memory(sequence: np.ndarray, memory_config: MemoryConfig,
 
 
 def build_eval_memory(data: SequenceDataset, user: int, memory_config: MemoryConfig,
-                      space: ItemSpace) -> dict[str, np.ndarray]:
+                      space: ItemSpace, surprised: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """``build_client(...).eval_memory`` without the rest: the memory after the training items (``val``)
     and after the validation item too (``test``); no training snapshots, no prototypes. (Reading a
     stretch in one ``observe`` writes what reading it window by window writes.)"""
     read, novel, memory = _history_memory(data.sequence(user), memory_config, space)
     train = len(read) - 1
-    memory.observe(read[:train], novel[:train])
+    memory.observe(read[:train], novel[:train], surprise_flags(train, surprised))
     eval_memory = {"val": memory.retrieve()}
     memory.observe(read[train:], novel[train:])
     eval_memory["test"] = memory.retrieve()
@@ -101,14 +129,17 @@ def build_eval_memory(data: SequenceDataset, user: int, memory_config: MemoryCon
 
 def build_clients(data: SequenceDataset, max_len: int, memory_config: MemoryConfig | None,
                   space: ItemSpace | None, users: np.ndarray | None = None, seed: int = 0,
-                  progress: bool = False) -> dict[int, ClientData]:
+                  progress: bool = False, surprised: Mapping[int, np.ndarray] | None = None) -> dict[int, ClientData]:
+    """``surprised``: user -> the training steps its surprise trigger wrote (users absent: none)."""
     users = np.arange(data.num_users) if users is None else users
     iterator = users
     if progress and memory_config is not None:
         from tqdm import tqdm
 
         iterator = tqdm(users, desc="client memories", unit="client", leave=False)
-    return {int(u): build_client(data, int(u), max_len, memory_config, space, seed + int(u)) for u in iterator}
+    surprised = surprised or {}
+    return {int(u): build_client(data, int(u), max_len, memory_config, space, seed + int(u), surprised.get(int(u)))
+            for u in iterator}
 
 
 # --------------------------------------------------------------------------- client memories as arrays
@@ -140,7 +171,26 @@ def pack_clients(clients: Mapping[int, ClientData]) -> dict[str, np.ndarray]:
         arrays[key] = np.concatenate(values)
         arrays[key + "_offsets"] = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int64)
     arrays.update({key: np.asarray(values) for key, values in scalars.items()})
+    if any(clients[u].surprised is not None for u in users):  # surprise_trigger: the steps it wrote
+        steps = [np.zeros(0, dtype=np.int64) if clients[u].surprised is None else clients[u].surprised for u in users]
+        arrays.update(pack_surprise(users, steps))
     return arrays
+
+
+def pack_surprise(users, steps: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The surprise trigger's steps per user as flat arrays (``surprise``, ``surprise_offsets``, ``surprise_users``)."""
+    return {"surprise_users": np.asarray(users, dtype=np.int64),
+            "surprise": np.concatenate([np.asarray(s, dtype=np.int64) for s in steps]) if steps else np.zeros(0, np.int64),
+            "surprise_offsets": np.concatenate([[0], np.cumsum([len(s) for s in steps])]).astype(np.int64)}
+
+
+def unpack_surprise(arrays: Mapping[str, np.ndarray]) -> dict[int, np.ndarray]:
+    """:func:`pack_surprise`'s arrays back as user -> steps (empty when the arrays hold none)."""
+    if "surprise_users" not in arrays:
+        return {}
+    offsets, steps = arrays["surprise_offsets"], arrays["surprise"]
+    return {int(u): np.array(steps[offsets[i]:offsets[i + 1]], dtype=np.int64)
+            for i, u in enumerate(arrays["surprise_users"].tolist())}
 
 
 def unpack_clients(arrays: Mapping[str, np.ndarray], data: SequenceDataset, max_len: int,
@@ -156,6 +206,7 @@ def unpack_clients(arrays: Mapping[str, np.ndarray], data: SequenceDataset, max_
         lo, hi = arrays[key + "_offsets"][i], arrays[key + "_offsets"][i + 1]
         return np.array(arrays[key][lo:hi])
 
+    surprised = unpack_surprise(arrays)
     clients = {}
     for user in wanted:
         i = index[user]
@@ -169,7 +220,7 @@ def unpack_clients(arrays: Mapping[str, np.ndarray], data: SequenceDataset, max_
                                 **{key: np.array(arrays[key][i:i + 1]) for key in _SCALARS}})
         clients[user] = ClientData(user, inputs, targets, snapshots,
                                    {"val": np.array(arrays["eval_val"][i]), "test": np.array(arrays["eval_test"][i])},
-                                   ragged("prototypes", i), memory)
+                                   ragged("prototypes", i), memory, surprised.get(user))
     return clients
 
 
@@ -210,6 +261,20 @@ class ItemContent:
             self._copies[device] = tuple(None if t is None else t.to(device) for t in (self.visual, self.text))
         return self._copies[device]
 
+    def pooled_memory(self, ids: np.ndarray, prototypes: torch.Tensor | None, device: torch.device | str,
+                      top_k: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`memory` plus, with candidate-conditioned retrieval (``top_k`` > 0: rows laid out by
+        ``LocalMemory.retrieve``), the ``memory_pool [B, K(+P), 2]`` budgets and ids (:func:`pool_budget`); the rows
+        are cut after their last used pool slot. ``top_k`` = 0: :meth:`memory` and no pool."""
+        if not top_k:
+            return (*self.memory(ids, prototypes, device), None)
+        ids = trim_pool(ids, top_k)
+        visual, text = self.memory(ids, prototypes, device)
+        budget = pool_budget(ids, top_k)
+        extra = (visual if visual is not None else text).shape[-2] - budget.shape[-2]  # the global prototypes
+        budget = np.concatenate([budget, np.zeros((*budget.shape[:-2], extra, 2), dtype=np.int64)], -2)
+        return visual, text, torch.from_numpy(budget).to(device)
+
     def memory(self, ids: np.ndarray, prototypes: torch.Tensor | None,
                device: torch.device | str) -> tuple[torch.Tensor | None, ...]:
         """``[B, K(+P), Dv]``, ``[B, K(+P), Dt]`` on ``device`` for memory item ids ``[B, K]`` plus global
@@ -230,6 +295,23 @@ class ItemContent:
             offset += table.shape[1]
             out.append(part)
         return tuple(out)
+
+
+def trim_pool(ids: np.ndarray, top_k: int) -> np.ndarray:
+    """Candidate-retrieval memory rows ``[..., top_k + pool]`` cut after the last pool slot any row uses."""
+    used = np.flatnonzero((ids[..., top_k:] != 0).reshape(-1, ids.shape[-1] - top_k).any(0))
+    return ids[..., :top_k + (int(used[-1]) + 1 if len(used) else 0)]
+
+
+def pool_budget(ids: np.ndarray, top_k: int) -> np.ndarray:
+    """``memory_pool [..., K, 2]`` for candidate-conditioned rows (``LocalMemory.retrieve`` with
+    ``retrieval="candidate"``). ``[..., 0]``: 0 for the short-term region (the first ``top_k`` slots,
+    always read) and empty slots; for a used pool slot, how many pool entries each candidate reads:
+    ``top_k`` minus the row's short-term items. ``[..., 1]``: the pool slot's item id (0 elsewhere)."""
+    short = (ids[..., :top_k] != 0).sum(-1, keepdims=True)
+    budget = np.where(ids != 0, top_k - short, 0)
+    budget[..., :top_k] = 0
+    return np.stack([budget, np.where(budget > 0, ids, 0)], axis=-1).astype(np.int64)
 
 
 def catalogue_mask(num_items: int, item_pool, device: torch.device | str = "cpu") -> torch.Tensor | None:
@@ -257,15 +339,17 @@ class _Losses(nn.Module):
     """Exposes ``model.losses`` as a forward so ``torch.func.functional_call`` can drive it."""
 
     def __init__(self, model: UR4RecV2MoE, detach_negatives: bool, objective: str = "sampled_softmax",
-                 catalogue: torch.Tensor | None = None, gbce_t: float = 0.75):
+                 catalogue: torch.Tensor | None = None, gbce_t: float = 0.75, position_losses: bool = False):
         super().__init__()
         self.model, self.detach_negatives = model, detach_negatives
         self.objective, self.catalogue, self.gbce_t = objective, catalogue, gbce_t
+        self.position_losses = position_losses
 
-    def forward(self, inputs, targets, negatives, memory_visual, memory_text, align_items):
+    def forward(self, inputs, targets, negatives, memory_visual, memory_text, align_items, memory_pool=None):
         out = self.model.losses(inputs, targets, negatives, memory_visual, memory_text, align_items=align_items,
                                 detach_negatives=self.detach_negatives, objective=self.objective,
-                                catalogue=self.catalogue, gbce_t=self.gbce_t)
+                                catalogue=self.catalogue, gbce_t=self.gbce_t, memory_pool=memory_pool,
+                                position_losses=self.position_losses)
         return out["loss"], {k: v for k, v in out.items() if k != "loss"}
 
 
@@ -310,7 +394,12 @@ class LocalTrainer:
         if not self.names:
             raise ValueError(f"stage trains no parameters (trainable_groups={config.trainable_groups})")
         self.wrapper = _Losses(model, not config.update_negative_items, config.loss,
-                               catalogue_mask(model.num_items, item_pool, self.device), config.gbce_t)
+                               catalogue_mask(model.num_items, item_pool, self.device), config.gbce_t,
+                               position_losses=config.surprise_trigger)
+        self.pool_top_k = config.memory_top_k if config.memory_retrieval == "candidate" else 0
+        # surprise_trigger: user -> the training steps its last local training found surprising; read (and
+        # removed) by whoever holds the client's memory. Client-side state, not part of any ClientUpdate.
+        self.surprised_steps: dict[int, np.ndarray] = {}
         self._grads: dict[tuple, callable] = {}
 
     def _grad(self, params, *batch):
@@ -321,9 +410,10 @@ class LocalTrainer:
                                                    randomness="different")
         return self._grads[in_dims](params, *batch)
 
-    def _loss(self, params, inputs, targets, negatives, memory_visual, memory_text, align_items):
+    def _loss(self, params, inputs, targets, negatives, memory_visual, memory_text, align_items, memory_pool=None):
+        extra = () if memory_pool is None else (memory_pool,)  # (without the pool: the former call, exactly)
         return torch.func.functional_call(self.wrapper, {"model." + k: v for k, v in params.items()},
-                                          (inputs, targets, negatives, memory_visual, memory_text, align_items))
+                                          (inputs, targets, negatives, memory_visual, memory_text, align_items, *extra))
 
     def train(self, client: ClientData, global_state: dict[str, torch.Tensor], seed: int,
               global_prototypes: torch.Tensor | None = None) -> ClientUpdate:
@@ -433,6 +523,8 @@ class LocalTrainer:
         second = {n: torch.zeros_like(p) for n, p in params.items()}
         steps = torch.zeros(count, device=self.device)
         sums: list[dict[str, float]] = [{} for _ in clients]
+        # surprise_trigger: each position's loss, the last time its window was trained on (NaN: never)
+        seen = [np.full(c.targets.shape, np.nan, dtype=np.float32) for c in clients] if self.wrapper.position_losses else None
         for step in range(total):
             active = torch.tensor([step < len(p) for p in plans], device=self.device)
             if batches is not None:
@@ -445,6 +537,12 @@ class LocalTrainer:
             with torch.no_grad():
                 self._step(params, grads, first, second, steps, active, anchor)
             aux = {key: value.cpu() for key, value in aux.items()}  # one transfer, not one per number
+            position = aux.pop("position_loss", None)
+            if seen is not None and position is not None:
+                width = position.shape[-1]
+                for index in torch.nonzero(active).flatten().tolist():
+                    picked = plans[index][step]
+                    seen[index][picked, -width:] = position[index, :len(picked)].numpy()
             for index in torch.nonzero(active).flatten().tolist():
                 for key, value in aux.items():
                     if key == "router_usage":
@@ -462,8 +560,24 @@ class LocalTrainer:
                 full[rows[index, :counts[index]].cpu()] = params[item][index, :counts[index]].cpu()
                 state = {n: full if n == item else state[n] for n in self.names}
             shared = client.prototypes if (cfg.use_memory and cfg.use_prototypes) else None
+            if seen is not None:  # stays on the client side: never part of what leaves it (ClientUpdate)
+                self.surprised_steps[client.user] = self.surprising(client, seen[index])
             updates.append(ClientUpdate(state, client.num_samples, shared, metrics))
         return updates
+
+    def surprising(self, client: ClientData, losses: np.ndarray) -> np.ndarray:
+        """The training steps (indices into the client's training sequence) whose target's loss in this
+        round's local training is above ``surprise_threshold`` (>= 0) or else above the client's own
+        ``surprise_quantile`` of those losses: what the surprise trigger writes to its LT memory."""
+        cfg = self.config
+        valid = (client.targets != 0) & np.isfinite(losses)
+        if not valid.any():
+            return np.zeros(0, dtype=np.int64)
+        values = losses[valid]
+        threshold = cfg.surprise_threshold if cfg.surprise_threshold >= 0 else float(np.quantile(values, cfg.surprise_quantile))
+        flagged = valid & (np.where(valid, losses, -np.inf) > threshold)
+        steps = window_target_steps(client.num_samples + 1, client.targets.shape[1])
+        return np.unique(steps[flagged])
 
     def _step(self, params: dict, grads: dict, first: dict, second: dict, steps: torch.Tensor,
               active: torch.Tensor, anchor: dict | None) -> None:
@@ -536,14 +650,20 @@ class LocalTrainer:
                                           device=generators[index].device)[:self.align_items].numpy()
                     distinct = distinct[np.sort(keep)]
                 align[index, :len(distinct)] = distinct
-        memory_visual = memory_text = None
-        if cfg.use_memory:
+        memory_visual = memory_text = memory_pool = None
+        if cfg.use_memory and self.pool_top_k:  # candidate-conditioned retrieval: rows cut after their pools
+            memory_visual, memory_text, memory_pool = self.content.pooled_memory(
+                memory.reshape(count * width, memory_k), prototypes, self.device, self.pool_top_k)
+            memory_pool = memory_pool.view(count, width, -1, 2)
+        elif cfg.use_memory:
             memory_visual, memory_text = self.content.memory(memory.reshape(count * width, memory_k), prototypes,
                                                              self.device)
+        if cfg.use_memory:
             memory_visual = None if memory_visual is None else memory_visual.view(count, width, *memory_visual.shape[1:])
             memory_text = None if memory_text is None else memory_text.view(count, width, *memory_text.shape[1:])
         device = self.device
         align_items = torch.from_numpy(align).to(device) if (cfg.use_memory and cfg.contrastive_lambda > 0) else None
         real = trim_padding(inputs)  # positions: the longest real window of the step, not max_seq_len
-        return (torch.from_numpy(inputs[..., -real:]).to(device), torch.from_numpy(targets[..., -real:]).to(device),
-                negatives.to(device), memory_visual, memory_text, align_items)
+        batch = (torch.from_numpy(inputs[..., -real:]).to(device), torch.from_numpy(targets[..., -real:]).to(device),
+                 negatives.to(device), memory_visual, memory_text, align_items)
+        return batch if memory_pool is None else (*batch, memory_pool)

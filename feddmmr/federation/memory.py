@@ -9,7 +9,13 @@
   ``lt_capacity = 0`` turns the LT memory off (the "no long-term memory" ablation).
 * Retrieval: ``top_k`` item ids, a share from ST (the most recent) and the rest from LT
   ranked by similarity to the ST centroid; the ST share grows with drift (ST centroid moving
-  away from the LT centroid).
+  away from the LT centroid). With ``retrieval = "candidate"`` (config ``memory_retrieval``) the
+  LT part is not ranked here: the row holds the ST share and the whole LT pool, and each
+  candidate item reads the LT entries most similar to itself (``UR4RecV2MoE``'s pooled experts;
+  the seed's target-conditioned retrieval, see docs/quality-memory.md).
+* Surprise writes (config ``surprise_trigger``): ``observe`` also writes the items the client's
+  local training found surprising (high loss), at their own step, so they reach only the memory
+  of later positions.
 * Prototypes: K-Means centroids of the LT entries, the only thing a client may share.
 
 Items are compared by a combined content embedding ``norm([norm(visual); norm(text)])``;
@@ -48,10 +54,20 @@ class MemoryConfig:
     top_k: int = _DEFAULTS.memory_top_k
     st_fraction: float = _DEFAULTS.st_fraction
     num_prototypes: int = _DEFAULTS.num_prototypes
+    retrieval: str = _DEFAULTS.memory_retrieval  # "centroid" | "candidate" (see the module docstring)
 
     @classmethod
     def from_train_config(cls, config: TrainConfig) -> "MemoryConfig":
-        return cls(**{f.name: getattr(config, "memory_top_k" if f.name == "top_k" else f.name) for f in fields(cls)})
+        return cls(**{f.name: getattr(config, _CONFIG_NAMES.get(f.name, f.name)) for f in fields(cls)})
+
+    @property
+    def width(self) -> int:
+        """Item ids per retrieved memory row: ``top_k``, or ``top_k`` (ST region) + ``lt_capacity``
+        (the LT pool) with candidate-conditioned retrieval."""
+        return self.top_k + (self.lt_capacity if self.retrieval == "candidate" else 0)
+
+
+_CONFIG_NAMES = {"top_k": "memory_top_k", "retrieval": "memory_retrieval"}  # MemoryConfig name -> config key
 
 
 class ItemSpace:
@@ -108,14 +124,18 @@ class LocalMemory:
         """Novelty of each item against the ST window just before it (1 when the window is empty)."""
         return novelty(self.space, np.concatenate([self.recent, items]), len(self.recent), self.config.st_window)
 
-    def observe(self, items: np.ndarray, novel: np.ndarray | None = None) -> None:
-        """Read ``items`` in order; ``novel`` is their novelty when the caller has it (see :func:`novelty`)."""
+    def observe(self, items: np.ndarray, novel: np.ndarray | None = None, surprised: np.ndarray | None = None) -> None:
+        """Read ``items`` in order; ``novel`` is their novelty when the caller has it (see :func:`novelty`);
+        ``surprised`` (bool, one per item) marks items the surprise trigger writes whatever their novelty."""
         items = np.asarray(items, dtype=np.int64)
         if len(items) == 0:
             return
         if novel is None:
             novel = self.novelty(items)
-        written = np.flatnonzero((novel > self.threshold) & self.space.present[items])
+        write = novel > self.threshold
+        if surprised is not None:
+            write = write | np.asarray(surprised, dtype=bool)
+        written = np.flatnonzero(write & self.space.present[items])
         for index in written:
             self._write(int(items[index]), self.step + int(index))
         self.step += len(items)
@@ -157,8 +177,14 @@ class LocalMemory:
         return float(1.0 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
     def retrieve(self) -> np.ndarray:
-        """``top_k`` item ids (0 = empty slot): recent ST items, then LT entries nearest the ST centroid."""
+        """``top_k`` item ids (0 = empty slot): recent ST items, then LT entries nearest the ST centroid.
+
+        With ``retrieval = "candidate"``: ``width`` ids, the ST share in the first ``top_k`` slots (the
+        rest of them empty), then every LT entry not already among them (insertion order): each
+        candidate reads the ST share and the ``top_k - n_st`` pool entries most similar to itself."""
         cfg = self.config
+        if cfg.retrieval == "candidate":
+            return self._retrieve_pool()
         st = self.recent[self.space.present[self.recent]][::-1]  # most recent first
         st = st[np.sort(np.unique(st, return_index=True)[1])]  # distinct, keep recency order
         share = min(0.75, cfg.st_fraction + self.drift())
@@ -173,6 +199,27 @@ class LocalMemory:
             chosen += [i for i in self.lt_items[rank] if i not in set(chosen)][:n_lt]
         out = np.zeros(cfg.top_k, dtype=np.int64)
         out[:len(chosen)] = chosen
+        return out
+
+    def _shares(self) -> tuple[np.ndarray, int, int]:
+        """The distinct present ST items (most recent first) and how many ST and LT slots a row gets."""
+        cfg = self.config
+        st = self.recent[self.space.present[self.recent]][::-1]  # most recent first
+        st = st[np.sort(np.unique(st, return_index=True)[1])]  # distinct, keep recency order
+        share = min(0.75, cfg.st_fraction + self.drift())
+        n_st = int(round(cfg.top_k * share)) if len(self.lt_items) else cfg.top_k
+        n_st = min(n_st, len(st))
+        n_lt = min(cfg.top_k - n_st, len(self.lt_items))
+        n_st = min(len(st), cfg.top_k - n_lt)  # give unused LT slots back to ST
+        return st, n_st, n_lt
+
+    def _retrieve_pool(self) -> np.ndarray:
+        cfg = self.config
+        st, n_st, _ = self._shares()
+        out = np.zeros(cfg.width, dtype=np.int64)
+        out[:n_st] = st[:n_st]
+        pool = self.lt_items[~np.isin(self.lt_items, st[:n_st])]
+        out[cfg.top_k:cfg.top_k + len(pool)] = pool
         return out
 
     def prototypes(self, seed: int = 0) -> np.ndarray:

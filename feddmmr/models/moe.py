@@ -43,6 +43,12 @@ def _present(x: torch.Tensor) -> torch.Tensor:
     return x.abs().sum(-1) > 0
 
 
+def combined_content(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``norm([norm(visual); norm(text)])`` per row (a missing modality's zero row adds nothing): the
+    content space the client memory compares items in (``federation.memory.ItemSpace``)."""
+    return F.normalize(torch.cat([F.normalize(visual, dim=-1), F.normalize(text, dim=-1)], dim=-1), dim=-1)
+
+
 class MemoryAttention(nn.Module):
     """Multi-head attention of candidate queries ``[B, C, D]`` over memory entries ``[B, K, D]``."""
 
@@ -53,17 +59,28 @@ class MemoryAttention(nn.Module):
         self.heads = heads
         self.q, self.k, self.v, self.out = (nn.Linear(hidden, hidden) for _ in range(4))
 
+    def keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``self.k(memory)``, ``self.v(memory)`` (what a caller scoring many candidate blocks over one memory
+        passes to every :meth:`forward` instead of projecting the memory again)."""
+        return self.k(memory), self.v(memory)
+
     def forward(self, query: torch.Tensor, memory: torch.Tensor, usable: torch.Tensor,
-                projected: torch.Tensor | None = None) -> torch.Tensor:
+                projected: torch.Tensor | None = None,
+                keys_values: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``query`` may be ``[1, C, D]`` (the same candidates for every row): projected once, broadcast.
-        ``projected`` is ``self.q(query)`` when the caller has it already (per item, gathered)."""
+        ``projected`` is ``self.q(query)`` when the caller has it already (per item, gathered);
+        ``keys_values`` likewise :meth:`keys_values` of ``memory``."""
         batch, (cands, hidden) = memory.shape[0], query.shape[1:]
         split = lambda x: x.view(x.shape[0], x.shape[1], self.heads, hidden // self.heads).transpose(1, 2)
         # rows without a usable entry attend to everything and are zeroed by the router weight;
         # explicit attention (K is small) because SDPA has no vmap batching rule on CPU
-        mask = (usable | ~usable.any(1, keepdim=True))[:, None, None, :]
+        if usable.dim() == 3:  # [B, C, K]: each candidate reads its own entries (candidate-conditioned retrieval)
+            mask = (usable | ~usable.any(-1, keepdim=True))[:, None, :, :]
+        else:
+            mask = (usable | ~usable.any(1, keepdim=True))[:, None, None, :]
         q = split(self.q(query) if projected is None else projected)
-        k, v = split(self.k(memory)), split(self.v(memory))
+        k, v = (self.k(memory), self.v(memory)) if keys_values is None else keys_values
+        k, v = split(k), split(v)
         weights = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf")).softmax(-1)
         return self.out((weights @ v).transpose(1, 2).reshape(batch, cands, hidden))
 
@@ -149,7 +166,8 @@ class UR4RecV2MoE(nn.Module):
                  gating_init: float = 0.01, contrastive_lambda: float = 0.5,
                  load_balance_lambda: float = 0.01, contrastive_temperature: float = 0.07,
                  visual_expert_heads: int = 1, standardise_features: bool = False,
-                 content_item_side: bool = False, content_id_dropout: float = 0.0, use_router: bool = True):
+                 content_item_side: bool = False, content_id_dropout: float = 0.0, use_router: bool = True,
+                 candidate_retrieval: int = 0):
         super().__init__()
         hidden = sasrec_hidden_dim
         self.num_items, self.hidden, self.max_seq_len = num_items, hidden, max_seq_len
@@ -173,6 +191,11 @@ class UR4RecV2MoE(nn.Module):
             raise ValueError("content_id_dropout needs content_item_side (it drops ID rows so content scores alone)")
         self.content_id_dropout = content_id_dropout
         self.use_router = use_router  # False: equal logits, the two experts mixed equally where both are usable
+        # > 0: candidate-conditioned retrieval, each candidate reads at most this many memory entries
+        # (the client memory's top_k): see _auxiliary_pooled
+        self.candidate_retrieval = int(candidate_retrieval)
+        self.register_buffer("item_combined", torch.zeros(0, visual_dim + text_dim), persistent=False)
+        self.register_buffer("item_similarity", torch.zeros(0, 0), persistent=False)
 
     # ------------------------------------------------------------------ parameter groups
     def named_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -248,6 +271,10 @@ class UR4RecV2MoE(nn.Module):
         self.proj_text.set_statistics(self.item_text)
         if self.item_content is not None:
             self.item_content.set_statistics(self.item_visual, self.item_text)
+        if self.candidate_retrieval:
+            self.item_combined = combined_content(self.item_visual, self.item_text)
+            if self.num_items <= self.SIMILARITY_TABLE_ITEMS:  # item x item cosines: a gather, not a 1,664-d product
+                self.item_similarity = self.item_combined @ self.item_combined.T
 
     def _lookup(self, table: torch.Tensor, items: torch.Tensor, dim: int) -> torch.Tensor:
         if table.shape[0] == 0:
@@ -292,12 +319,14 @@ class UR4RecV2MoE(nn.Module):
     def auxiliary(self, items: torch.Tensor, memory_visual: torch.Tensor | None,
                   memory_text: torch.Tensor | None, target_visual: torch.Tensor | None = None,
                   target_text: torch.Tensor | None = None, memory_mask: torch.Tensor | None = None,
-                  dedupe: bool = True, tables: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  dedupe: bool = True, tables: dict | None = None,
+                  memory_pool: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per (user, candidate) auxiliary score term, router weights and load-balance loss.
 
         items ``[B, C]``; memory ``[B, K, Dv]`` / ``[B, K, Dt]``; returns ``bonus [B, C]``,
         ``weights [B, C, 2]`` and a scalar. All zero when there is no memory. ``tables``
         (:meth:`projected_tables`) are the candidates' projections, precomputed for every item.
+        ``memory_pool [B, K]`` (candidate-conditioned retrieval): see :meth:`_auxiliary_pooled`.
         """
         batch, cands = items.shape
         zero = items.new_zeros((batch, cands), dtype=torch.float)
@@ -307,6 +336,9 @@ class UR4RecV2MoE(nn.Module):
             memory_visual = memory_text.new_zeros(*memory_text.shape[:2], self.visual_dim)
         if memory_text is None:
             memory_text = memory_visual.new_zeros(*memory_visual.shape[:2], self.text_dim)
+        if memory_pool is not None:
+            return self._auxiliary_pooled(items, memory_visual, memory_text, target_visual, target_text,
+                                          memory_mask, memory_pool, dedupe, tables)
         usable_vis, usable_txt = _present(memory_visual), _present(memory_text)
         if memory_mask is not None:
             usable_vis, usable_txt = usable_vis & memory_mask, usable_txt & memory_mask
@@ -343,6 +375,97 @@ class UR4RecV2MoE(nn.Module):
         usage = (weights * both).sum((0, 1)) / both.sum().clamp_min(1.0)
         load_balance = (2.0 * (usage ** 2).sum() - 1.0) * (both.sum() > 0).float()  # 0 at an even split
         return bonus, weights, load_balance
+
+    POOLED_BLOCK = 1 << 24  # evaluation: (row, head, candidate, entry) attention cells per candidate block
+    SIMILARITY_TABLE_ITEMS = 16384  # candidate retrieval keeps an item x item cosine table up to this catalogue
+
+    def _auxiliary_pooled(self, items, memory_visual, memory_text, target_visual, target_text, memory_mask,
+                          memory_pool, dedupe, tables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`auxiliary` with candidate-conditioned retrieval (``memory_retrieval = "candidate"``).
+
+        ``memory_pool [B, K, 2]`` (or ``[B, K]``, the first part alone): ``[..., 0]`` is 0 for entries every
+        candidate reads (the short-term share, the global prototypes, empty slots), and for a long-term
+        pool entry the number ``n`` of pool entries each candidate reads; ``[..., 1]`` the pool entry's
+        item id. Candidate ``c`` of row ``b`` reads the ``n`` pool entries whose combined content
+        (``norm([norm(visual); norm(text)])``, the memory's own similarity) is closest to ``c``'s: read
+        from the item x item cosine table when the ids are given and the catalogue is small enough
+        (``SIMILARITY_TABLE_ITEMS``), else computed from the feature rows (the same cosines). The
+        seed's "LT entries ranked by similarity to the target item", with every candidate (positive,
+        negative, catalogue item) treated alike, in training and in evaluation. The selection is a
+        discrete mask, without gradient. Without gradient (evaluation) the candidates are processed in
+        blocks so that the ``[B, heads, C, K]`` attention stays bounded. (Gathering each candidate's ~2 top_k
+        entries instead of masking K was measured 5x slower on CPU: the masked batched matmuls win.)"""
+        batch, cands = items.shape
+        usable_vis, usable_txt = _present(memory_visual), _present(memory_text)
+        if memory_mask is not None:
+            usable_vis, usable_txt = usable_vis & memory_mask, usable_txt & memory_mask
+        mem_vis, mem_txt = self.proj_visual(memory_visual), self.proj_text(memory_text)
+        pool_items = None
+        if memory_pool.dim() == 3:
+            memory_pool, pool_items = memory_pool[..., 0], memory_pool[..., 1]
+        table = pool_items is not None and self.item_similarity.shape[0] > 0
+        mem_comb = None if table else combined_content(memory_visual, memory_text)  # [B, K, Dv + Dt]
+        pool = memory_pool > 0
+        budget = memory_pool.max(-1).values  # [B]: pool entries each candidate reads
+        if batch > 1 and items.stride(0) == 0 and target_visual is None and target_text is None:
+            items = items[:1]
+        entries = memory_visual.shape[1]
+        reads = min(entries, max(self.candidate_retrieval, 1))
+        width = cands
+        if not torch.is_grad_enabled():
+            width = max(1, self.POOLED_BLOCK // max(1, batch * entries * self.semantic_expert.heads))
+        tables = tables or {}
+        vis_kv, sem_kv = self.visual_expert.keys_values(mem_vis), self.semantic_expert.keys_values(mem_txt)
+        bonuses, weights_out, balances = [], [], []
+        for lo in range(0, cands, width):
+            part = items[:, lo:lo + width]
+            t_vis = None if target_visual is None else target_visual[:, lo:lo + width]
+            t_txt = None if target_text is None else target_text[:, lo:lo + width]
+            count = part.shape[1]
+            tgt_vis, has_tvis = self._item_side(part, self.item_visual, t_vis, self.proj_visual, dedupe,
+                                                tables.get("visual"))
+            tgt_txt, _ = self._item_side(part, self.item_text, t_txt, self.proj_text, dedupe, tables.get("text"))
+            with torch.no_grad():
+                if table and t_vis is None and t_txt is None:
+                    sims = self.item_similarity[part.unsqueeze(-1), pool_items.unsqueeze(1)]  # [B, c, K]
+                else:
+                    if mem_comb is None:
+                        mem_comb = combined_content(memory_visual, memory_text)
+                    if t_vis is None and t_txt is None and self.item_combined.shape[0]:
+                        cand_comb = self.item_combined[part]
+                    else:
+                        vis = t_vis if t_vis is not None else self._lookup(self.item_visual, part, self.visual_dim)
+                        txt = t_txt if t_txt is not None else self._lookup(self.item_text, part, self.text_dim)
+                        cand_comb = combined_content(vis, txt)
+                    sims = cand_comb @ mem_comb.transpose(-1, -2)
+                sims = sims.masked_fill(~pool.unsqueeze(1), float("-inf"))
+                top = sims.topk(reads, dim=-1).indices  # [B, c, reads]
+                take = (torch.arange(reads, device=items.device) < budget.unsqueeze(-1)).float()  # [B, reads]
+                chosen = torch.zeros_like(sims).scatter(-1, top, take.unsqueeze(1).expand_as(top).contiguous()) > 0
+                visible = chosen | ~pool.unsqueeze(1)  # [B, c, K]
+            see_vis, see_txt = visible & usable_vis.unsqueeze(1), visible & usable_txt.unsqueeze(1)
+            target_emb = self.sasrec.item_emb(part)
+            per_item = {key: tables[key][part] for key in ("visual_query", "semantic_query", "router") if key in tables}
+            vis = self.vis_ln(self.visual_expert(tgt_vis, mem_vis, see_vis, per_item.get("visual_query"), vis_kv))
+            sem = self.sem_ln(self.semantic_expert(target_emb, mem_txt, see_txt, per_item.get("semantic_query"), sem_kv))
+            available = torch.stack([has_tvis & see_vis.any(-1), see_txt.any(-1)], dim=-1)
+            if not self.use_router:
+                router = torch.zeros_like(available, dtype=tgt_txt.dtype)
+            elif "router" in per_item:
+                router = per_item["router"]
+            else:
+                router = self.router(torch.cat([tgt_vis, tgt_txt], dim=-1))
+            logits = torch.where(available, router, -1e4)
+            weights = torch.softmax(logits, dim=-1) * available
+            aux = weights[..., :1] * vis + weights[..., 1:] * sem
+            bonuses.append(self.gating_weight * (aux * target_emb).sum(-1))
+            weights_out.append(weights)
+            both = available.all(-1).unsqueeze(-1).float()
+            usage = (weights * both).sum((0, 1)) / both.sum().clamp_min(1.0)
+            balances.append((2.0 * (usage ** 2).sum() - 1.0) * (both.sum() > 0).float() * count / cands)
+        if len(bonuses) == 1:
+            return bonuses[0], weights_out[0], balances[0]
+        return torch.cat(bonuses, 1), torch.cat(weights_out, 1), torch.stack(balances).sum()
 
     def projected_tables(self) -> dict:
         """Every item-only term of :meth:`auxiliary`, once per item: the projected visual and text
@@ -395,13 +518,13 @@ class UR4RecV2MoE(nn.Module):
 
     def score(self, hidden: torch.Tensor, items: torch.Tensor, memory_visual=None, memory_text=None,
               target_visual=None, memory_mask=None, tables: dict | None = None,
-              shared_candidates: bool = False) -> torch.Tensor:
+              shared_candidates: bool = False, memory_pool: torch.Tensor | None = None) -> torch.Tensor:
         """The one scoring rule. ``hidden [B, D]`` (a position), ``items [B, C]`` -> ``[B, C]``
         (``tables``: :meth:`projected_tables`, when the caller scores many batches with one model;
         ``shared_candidates``: every row scores the same items, a catalogue block: one matrix product
         instead of ``[B, C, D]`` products)."""
         bonus, _, _ = self.auxiliary(items, memory_visual, memory_text, target_visual, memory_mask=memory_mask,
-                                     tables=tables)
+                                     tables=tables, memory_pool=memory_pool)
         content = (tables or {}).get("content")
         if shared_candidates and items.stride(0) == 0:
             return hidden @ self.candidate_emb(items[0], content).T + bonus
@@ -410,7 +533,7 @@ class UR4RecV2MoE(nn.Module):
     def forward(self, user_ids=None, input_seq: torch.Tensor = None, target_items: torch.Tensor = None,
                 target_visual: torch.Tensor | None = None, memory_visual: torch.Tensor | None = None,
                 memory_text: torch.Tensor | None = None, training_mode: bool = False,
-                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+                memory_mask: torch.Tensor | None = None, memory_pool: torch.Tensor | None = None) -> torch.Tensor:
         """The seed's call: the last position's scores for ``target_items``.
 
         ``training_mode=False``: ``target_items [B, N]`` -> ``[B, N]``. ``training_mode=True``:
@@ -423,14 +546,16 @@ class UR4RecV2MoE(nn.Module):
             target_items = target_items.reshape(1, batch).expand(batch, batch)
             if target_visual is not None:
                 target_visual = target_visual.unsqueeze(0).expand(batch, -1, -1)
-        return self.score(hidden, target_items, memory_visual, memory_text, target_visual, memory_mask)
+        return self.score(hidden, target_items, memory_visual, memory_text, target_visual, memory_mask,
+                          memory_pool=memory_pool)
 
     # ------------------------------------------------------------------ training losses
     def losses(self, input_seq: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None,
                memory_visual: torch.Tensor | None = None, memory_text: torch.Tensor | None = None,
                memory_mask: torch.Tensor | None = None, align_items: torch.Tensor | None = None,
                detach_negatives: bool = False, objective: str = "sampled_softmax",
-               catalogue: torch.Tensor | None = None, gbce_t: float = 0.75) -> dict[str, torch.Tensor]:
+               catalogue: torch.Tensor | None = None, gbce_t: float = 0.75,
+               memory_pool: torch.Tensor | None = None, position_losses: bool = False) -> dict[str, torch.Tensor]:
         """Next-item loss at every position plus the auxiliary losses, returned separately.
 
         input_seq/positives ``[B, L]`` (positives[b, t] follows input_seq[b, t]; 0 = no target),
@@ -450,6 +575,9 @@ class UR4RecV2MoE(nn.Module):
         runs over. Everything is masked rather than indexed, so a batch of clients can run under
         ``torch.func.vmap``. ``detach_negatives``: only the positives' embedding rows get gradient
         (full softmax: the normaliser's rows are detached too, except the target's own logit).
+        ``memory_pool``: candidate-conditioned retrieval (:meth:`_auxiliary_pooled`; not with the full
+        softmax). ``position_losses``: also return ``"position_loss" [B, L]``, each position's detached
+        next-item loss (what the surprise trigger reads).
         """
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
@@ -458,8 +586,10 @@ class UR4RecV2MoE(nn.Module):
         valid = (positives != 0).float()
         count = valid.sum().clamp_min(1.0)
         if objective == "full_softmax":
+            if memory_pool is not None:
+                raise ValueError("candidate-conditioned retrieval (memory_pool) is not built for the full softmax")
             return self._full_softmax(hidden, positives, memory_visual, memory_text, memory_mask, align_items,
-                                      detach_negatives, catalogue, valid, count)
+                                      detach_negatives, catalogue, valid, count, position_losses)
         tables = content = id_keep = None
         whole_catalogue = uses_memory and 0 < self.num_items <= positives.numel() + negatives.numel()
         if self.item_content is not None:  # the content tower's term enters the candidates' embeddings
@@ -474,10 +604,10 @@ class UR4RecV2MoE(nn.Module):
         neg_logit = torch.einsum("bld,bnd->bln", hidden, neg_emb)
         if whole_catalogue and tables is None:
             tables = self.projected_tables()  # one projection of the catalogue serves both calls
-        pos_bonus, pos_w, lb_pos = self.auxiliary(positives, memory_visual, memory_text,
-                                                  memory_mask=memory_mask, dedupe=False, tables=tables)
-        neg_bonus, _, lb_neg = self.auxiliary(negatives, memory_visual, memory_text,
-                                              memory_mask=memory_mask, dedupe=False, tables=tables)
+        pos_bonus, pos_w, lb_pos = self.auxiliary(positives, memory_visual, memory_text, memory_mask=memory_mask,
+                                                  dedupe=False, tables=tables, memory_pool=memory_pool)
+        neg_bonus, _, lb_neg = self.auxiliary(negatives, memory_visual, memory_text, memory_mask=memory_mask,
+                                              dedupe=False, tables=tables, memory_pool=memory_pool)
         pos_logit = pos_logit + pos_bonus
         neg_logit = neg_logit + neg_bonus.unsqueeze(1)
         same = negatives.unsqueeze(1) == positives.unsqueeze(-1)
@@ -490,11 +620,15 @@ class UR4RecV2MoE(nn.Module):
         else:
             neg_logit = neg_logit.masked_fill(same, float("-inf"))
             logits = torch.cat([pos_logit.unsqueeze(-1), neg_logit], dim=-1)
-            next_item = ((torch.logsumexp(logits, -1) - logits[..., 0]) * valid).sum() / count
-        return self._total(next_item, 0.5 * (lb_pos + lb_neg), align_items, pos_w, valid, count)
+            per_position = torch.logsumexp(logits, -1) - logits[..., 0]
+            next_item = (per_position * valid).sum() / count
+        out = self._total(next_item, 0.5 * (lb_pos + lb_neg), align_items, pos_w, valid, count)
+        if position_losses:
+            out["position_loss"] = (per_position * valid).detach()
+        return out
 
     def _full_softmax(self, hidden, positives, memory_visual, memory_text, memory_mask, align_items,
-                      detach_negatives, catalogue, valid, count) -> dict[str, torch.Tensor]:
+                      detach_negatives, catalogue, valid, count, position_losses=False) -> dict[str, torch.Tensor]:
         """Cross-entropy of each position's next item against every catalogue row ``[B, L, num_items]``."""
         rows = torch.arange(self.num_items, device=positives.device)
         content, id_keep = self.content_table(), self.id_keep_mask()
@@ -521,8 +655,12 @@ class UR4RecV2MoE(nn.Module):
         if detach_negatives:  # the target's own column keeps its gradient
             logits = torch.where(rows == target, pos_logit.unsqueeze(-1), logits)
         logits = logits.masked_fill(~allowed, float("-inf"))
-        next_item = ((torch.logsumexp(logits, -1) - pos_logit) * valid).sum() / count
-        return self._total(next_item, load_balance, align_items, pos_w, valid, count)
+        per_position = torch.logsumexp(logits, -1) - pos_logit
+        next_item = (per_position * valid).sum() / count
+        out = self._total(next_item, load_balance, align_items, pos_w, valid, count)
+        if position_losses:
+            out["position_loss"] = (per_position * valid).detach()
+        return out
 
     def _total(self, next_item, load_balance, align_items, pos_w, valid, count) -> dict[str, torch.Tensor]:
         if align_items is not None:
