@@ -9,7 +9,7 @@ import torch
 
 from feddmmr.config import ConfigError, TrainConfig, validate_config
 from feddmmr.engine.assemble import assemble, restore
-from feddmmr.federation.client import (ItemContent, LocalTrainer, build_client, build_clients, pack_clients,
+from feddmmr.federation.client import (build_client, build_clients, pack_clients,
                                        pool_budget, training_windows, unpack_clients, window_target_steps)
 from feddmmr.federation.memory import ItemSpace, LocalMemory, MemoryConfig
 from feddmmr.features.store import load_features
