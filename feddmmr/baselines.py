@@ -69,7 +69,7 @@ def content_knn_scorer(data: SequenceDataset, visual: torch.Tensor | None, text:
     return score
 
 
-FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # the grid a late fusion's weight is chosen from
+FUSION_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # the grid a late fusion's weight is chosen from
 
 
 def late_fusion_scorer(model: ScoreFn, content: ScoreFn, weight: float) -> ScoreFn:
