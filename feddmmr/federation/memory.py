@@ -185,13 +185,7 @@ class LocalMemory:
         cfg = self.config
         if cfg.retrieval == "candidate":
             return self._retrieve_pool()
-        st = self.recent[self.space.present[self.recent]][::-1]  # most recent first
-        st = st[np.sort(np.unique(st, return_index=True)[1])]  # distinct, keep recency order
-        share = min(0.75, cfg.st_fraction + self.drift())
-        n_st = int(round(cfg.top_k * share)) if len(self.lt_items) else cfg.top_k
-        n_st = min(n_st, len(st))
-        n_lt = min(cfg.top_k - n_st, len(self.lt_items))
-        n_st = min(len(st), cfg.top_k - n_lt)  # give unused LT slots back to ST
+        st, n_st, n_lt = self._shares()
         chosen = list(st[:n_st])
         if n_lt:
             centroid = self.space.embedding[st].mean(0) if len(st) else self.space.embedding[self.lt_items].mean(0)

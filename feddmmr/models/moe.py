@@ -359,16 +359,7 @@ class UR4RecV2MoE(nn.Module):
 
         available = torch.stack([has_tvis & usable_vis.any(1, keepdim=True),
                                  usable_txt.any(1, keepdim=True).expand(-1, cands)], dim=-1)
-        if not self.use_router:
-            router = torch.zeros_like(available, dtype=tgt_txt.dtype)
-        elif "router" in per_item:
-            router = per_item["router"]
-        else:
-            router = self.router(torch.cat([tgt_vis, tgt_txt], dim=-1))
-        logits = torch.where(available, router, -1e4)
-        weights = torch.softmax(logits, dim=-1) * available
-        aux = weights[..., :1] * vis + weights[..., 1:] * sem
-        bonus = self.gating_weight * (aux * target_emb).sum(-1)
+        bonus, weights = self._mix(available, per_item, tgt_vis, tgt_txt, vis, sem, target_emb)
 
         # load balance over candidates where both experts are available (masked: vmap-safe)
         both = available.all(-1).unsqueeze(-1).float()
@@ -449,16 +440,8 @@ class UR4RecV2MoE(nn.Module):
             vis = self.vis_ln(self.visual_expert(tgt_vis, mem_vis, see_vis, per_item.get("visual_query"), vis_kv))
             sem = self.sem_ln(self.semantic_expert(target_emb, mem_txt, see_txt, per_item.get("semantic_query"), sem_kv))
             available = torch.stack([has_tvis & see_vis.any(-1), see_txt.any(-1)], dim=-1)
-            if not self.use_router:
-                router = torch.zeros_like(available, dtype=tgt_txt.dtype)
-            elif "router" in per_item:
-                router = per_item["router"]
-            else:
-                router = self.router(torch.cat([tgt_vis, tgt_txt], dim=-1))
-            logits = torch.where(available, router, -1e4)
-            weights = torch.softmax(logits, dim=-1) * available
-            aux = weights[..., :1] * vis + weights[..., 1:] * sem
-            bonuses.append(self.gating_weight * (aux * target_emb).sum(-1))
+            bonus, weights = self._mix(available, per_item, tgt_vis, tgt_txt, vis, sem, target_emb)
+            bonuses.append(bonus)
             weights_out.append(weights)
             both = available.all(-1).unsqueeze(-1).float()
             usage = (weights * both).sum((0, 1)) / both.sum().clamp_min(1.0)
@@ -466,6 +449,19 @@ class UR4RecV2MoE(nn.Module):
         if len(bonuses) == 1:
             return bonuses[0], weights_out[0], balances[0]
         return torch.cat(bonuses, 1), torch.cat(weights_out, 1), torch.stack(balances).sum()
+
+    def _mix(self, available: torch.Tensor, per_item: dict, tgt_vis: torch.Tensor, tgt_txt: torch.Tensor,
+             vis: torch.Tensor, sem: torch.Tensor, target_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router's weights over the usable experts and the gated bonus ``g * <mix, E[c]>``."""
+        if not self.use_router:
+            router = torch.zeros_like(available, dtype=tgt_txt.dtype)
+        elif "router" in per_item:
+            router = per_item["router"]
+        else:
+            router = self.router(torch.cat([tgt_vis, tgt_txt], dim=-1))
+        weights = torch.softmax(torch.where(available, router, -1e4), dim=-1) * available
+        aux = weights[..., :1] * vis + weights[..., 1:] * sem
+        return self.gating_weight * (aux * target_emb).sum(-1), weights
 
     def projected_tables(self) -> dict:
         """Every item-only term of :meth:`auxiliary`, once per item: the projected visual and text
