@@ -20,7 +20,7 @@ from .engine.assemble import LocalClients, assemble
 from .engine.loop import finish
 from .engine.run_dir import RunDir, run_config_payload
 from .evaluation import VALIDATION_BATCH, format_metrics
-from .federation.client import learning_rates
+from .federation.client import learning_rates, pool_top_k
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +84,18 @@ def pooled_pass(model, optimizer: torch.optim.Optimizer, inputs: np.ndarray, tar
         negatives = None if full else \
             pool[torch.randint(len(pool), (len(rows), config.num_negatives), generator=generator,
                                device=generator.device)].to(device)
-        memory_visual = memory_text = None
-        extra = {}
-        if config.use_memory and config.memory_retrieval == "candidate":
-            memory_visual, memory_text, extra["memory_pool"] = content.pooled_memory(memory[rows], prototypes, device,
-                                                                                     config.memory_top_k)
-        elif config.use_memory:
-            memory_visual, memory_text = content.memory(memory[rows], prototypes, device)
+        memory_visual = memory_text = memory_pool = None
+        if config.use_memory:
+            memory_visual, memory_text, memory_pool = content.pooled_memory(memory[rows], prototypes, device,
+                                                                            pool_top_k(config))
         align = None
         if config.use_memory and config.contrastive_lambda > 0:
             align = torch.from_numpy(np.unique(targets[rows])).to(device)
         width = trim_padding(inputs[rows])
         out = model.losses(torch.from_numpy(inputs[rows, -width:]).to(device),
                            torch.from_numpy(targets[rows, -width:]).to(device), negatives, memory_visual, memory_text,
-                           align_items=align, objective=config.loss, catalogue=catalogue, gbce_t=config.gbce_t, **extra)
+                           align_items=align, objective=config.loss, catalogue=catalogue, gbce_t=config.gbce_t,
+                           memory_pool=memory_pool)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()

@@ -465,9 +465,7 @@ def read_ml10m(path: Path) -> Interactions:
     if csv and (movies := _find(folder, "movies.csv")) is not None:
         metadata = read_movies_csv(movies)
     elif not csv and (movies := _find(folder, "movies.dat")) is not None:
-        catalogue = read_movie_catalogue(movies)  # one pass: titles and genres
-        titles = {movie: title for movie, (title, _genres) in catalogue.items()}
-        metadata = movie_metadata(titles, {movie: genres for movie, (_title, genres) in catalogue.items()}, movies)
+        metadata = movie_metadata(*read_movie_catalogue(movies), movies)
     result = Interactions(users, items, times, ratings, "ml10m", path, metadata.titles)
     result.metadata = metadata
     return result

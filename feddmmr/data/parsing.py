@@ -266,19 +266,21 @@ def _dedupe(path: Path, table: np.ndarray, header: bool) -> np.ndarray:
 
 # --------------------------------------------------------------------------- catalogue files
 
-def read_movie_catalogue(path: Path) -> dict[int, tuple[str, str]]:
-    """movies.dat: ``MovieID::Title::Genres`` (ISO-8859-1, or UTF-8). Returns MovieID -> (title, genres),
-    'Title (Year)' and 'A|B|C', from one pass over the file."""
-    catalogue: dict[int, tuple[str, str]] = {}
+def read_movie_catalogue(path: Path) -> tuple[dict[int, str], dict[int, str]]:
+    """movies.dat: ``MovieID::Title::Genres`` (ISO-8859-1, or UTF-8). Returns MovieID -> 'Title (Year)'
+    and MovieID -> 'A|B|C', from one pass over the file."""
+    titles: dict[int, str] = {}
+    genres: dict[int, str] = {}
     for number, text in _open_text_lines(path, CATALOGUE_ENCODINGS):
-        movie, title, genres = _split_fields(path, number, text, "::", 3, "MovieID::Title::Genres")
-        catalogue[_int_field(path, number, movie, "MovieID")] = (title, genres)
-    return catalogue
+        movie, title, genre = _split_fields(path, number, text, "::", 3, "MovieID::Title::Genres")
+        movie = _int_field(path, number, movie, "MovieID")
+        titles[movie], genres[movie] = title, genre
+    return titles, genres
 
 
 def read_movies(path: Path) -> dict[int, str]:
     """movies.dat titles by MovieID."""
-    return {movie: title for movie, (title, _genres) in read_movie_catalogue(path).items()}
+    return read_movie_catalogue(path)[0]
 
 
 def read_json_gz(path: Path) -> dict:

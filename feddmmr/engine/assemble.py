@@ -22,7 +22,7 @@ from ..evaluation import ITEM_BLOCK, SCORED_PAIRS, ScoreFn, evaluate
 from ..features.store import load_features
 from ..federation import checkpoint as ckpt
 from ..federation.client import (ClientData, ItemContent, LocalTrainer, build_client, build_clients,
-                                 build_eval_memory, pack_clients, pack_surprise)
+                                 build_eval_memory, pack_clients, pack_surprise, pool_top_k)
 from ..federation.memory import ItemSpace, MemoryConfig
 from ..federation.server import ServerOptimizer
 from ..models import PARAM_GROUPS, CheckpointError, UR4RecV2MoE
@@ -228,14 +228,9 @@ def scoring_calls(users: int, candidates: int, pairs: int) -> int:
 POOL_GROUP = 64  # candidate retrieval: users scored together (sorted by pool size; see memory_scorer)
 
 
-def pool_top_k(config: TrainConfig) -> int:
-    """The memory's ``top_k`` with candidate-conditioned retrieval (what ``memory_scorer`` needs), else 0."""
-    return config.memory_top_k if config.use_memory and config.memory_retrieval == "candidate" else 0
-
-
 def memory_width(config: TrainConfig) -> int:
-    """Item ids per memory row (``MemoryConfig.width``)."""
-    return config.memory_top_k + (config.lt_capacity if config.memory_retrieval == "candidate" else 0)
+    """Item ids per memory row."""
+    return MemoryConfig.from_train_config(config).width
 
 
 def eval_memory(clients: dict[int, ClientData], split: str, num_users: int, top_k: int,

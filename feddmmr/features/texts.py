@@ -77,9 +77,7 @@ def movie_texts(folder: Path) -> ItemTexts:
     movies_path = _find(folder, "movies.dat")
     if movies_path is None:
         raise DataError(folder / "movies.dat", "file not found; the text features need the movie titles")
-    catalogue = read_movie_catalogue(movies_path)
-    titles = {movie: title for movie, (title, _genres) in catalogue.items()}
-    genres = {movie: genre for movie, (_title, genre) in catalogue.items()}
+    titles, genres = read_movie_catalogue(movies_path)
     plots_path = _find(folder, PLOTS_FILE)
     plots, omdb_years = read_plots(plots_path) if plots_path else ({}, {})
     abstracts_path = _find(folder, ABSTRACTS_FILE)

@@ -297,6 +297,11 @@ class ItemContent:
         return tuple(out)
 
 
+def pool_top_k(config) -> int:
+    """The memory's ``top_k`` with candidate-conditioned retrieval (the rows' short-term region), else 0."""
+    return config.memory_top_k if config.use_memory and config.memory_retrieval == "candidate" else 0
+
+
 def trim_pool(ids: np.ndarray, top_k: int) -> np.ndarray:
     """Candidate-retrieval memory rows ``[..., top_k + pool]`` cut after the last pool slot any row uses."""
     used = np.flatnonzero((ids[..., top_k:] != 0).reshape(-1, ids.shape[-1] - top_k).any(0))
@@ -396,7 +401,7 @@ class LocalTrainer:
         self.wrapper = _Losses(model, not config.update_negative_items, config.loss,
                                catalogue_mask(model.num_items, item_pool, self.device), config.gbce_t,
                                position_losses=config.surprise_trigger)
-        self.pool_top_k = config.memory_top_k if config.memory_retrieval == "candidate" else 0
+        self.pool_top_k = pool_top_k(config)
         # surprise_trigger: user -> the training steps its last local training found surprising; read (and
         # removed) by whoever holds the client's memory. Client-side state, not part of any ClientUpdate.
         self.surprised_steps: dict[int, np.ndarray] = {}
@@ -651,16 +656,12 @@ class LocalTrainer:
                     distinct = distinct[np.sort(keep)]
                 align[index, :len(distinct)] = distinct
         memory_visual = memory_text = memory_pool = None
-        if cfg.use_memory and self.pool_top_k:  # candidate-conditioned retrieval: rows cut after their pools
+        if cfg.use_memory:  # with candidate-conditioned retrieval, rows cut after their pools
             memory_visual, memory_text, memory_pool = self.content.pooled_memory(
                 memory.reshape(count * width, memory_k), prototypes, self.device, self.pool_top_k)
-            memory_pool = memory_pool.view(count, width, -1, 2)
-        elif cfg.use_memory:
-            memory_visual, memory_text = self.content.memory(memory.reshape(count * width, memory_k), prototypes,
-                                                             self.device)
-        if cfg.use_memory:
             memory_visual = None if memory_visual is None else memory_visual.view(count, width, *memory_visual.shape[1:])
             memory_text = None if memory_text is None else memory_text.view(count, width, *memory_text.shape[1:])
+            memory_pool = None if memory_pool is None else memory_pool.view(count, width, -1, 2)
         device = self.device
         align_items = torch.from_numpy(align).to(device) if (cfg.use_memory and cfg.contrastive_lambda > 0) else None
         real = trim_padding(inputs)  # positions: the longest real window of the step, not max_seq_len

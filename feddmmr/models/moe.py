@@ -336,9 +336,6 @@ class UR4RecV2MoE(nn.Module):
             memory_visual = memory_text.new_zeros(*memory_text.shape[:2], self.visual_dim)
         if memory_text is None:
             memory_text = memory_visual.new_zeros(*memory_visual.shape[:2], self.text_dim)
-        if memory_pool is not None:
-            return self._auxiliary_pooled(items, memory_visual, memory_text, target_visual, target_text,
-                                          memory_mask, memory_pool, dedupe, tables)
         usable_vis, usable_txt = _present(memory_visual), _present(memory_text)
         if memory_mask is not None:
             usable_vis, usable_txt = usable_vis & memory_mask, usable_txt & memory_mask
@@ -347,6 +344,10 @@ class UR4RecV2MoE(nn.Module):
         # router logits) are then computed once, on one row, and broadcast over the users
         if batch > 1 and items.stride(0) == 0 and target_visual is None and target_text is None:
             items = items[:1]
+        if memory_pool is not None:
+            return self._auxiliary_pooled(items, batch, cands, memory_visual, memory_text, mem_vis, mem_txt,
+                                          usable_vis, usable_txt, target_visual, target_text, memory_pool, dedupe,
+                                          tables)
         tables = tables or {}
         tgt_vis, has_tvis = self._item_side(items, self.item_visual, target_visual, self.proj_visual, dedupe,
                                             tables.get("visual"))
@@ -359,19 +360,14 @@ class UR4RecV2MoE(nn.Module):
 
         available = torch.stack([has_tvis & usable_vis.any(1, keepdim=True),
                                  usable_txt.any(1, keepdim=True).expand(-1, cands)], dim=-1)
-        bonus, weights = self._mix(available, per_item, tgt_vis, tgt_txt, vis, sem, target_emb)
-
-        # load balance over candidates where both experts are available (masked: vmap-safe)
-        both = available.all(-1).unsqueeze(-1).float()
-        usage = (weights * both).sum((0, 1)) / both.sum().clamp_min(1.0)
-        load_balance = (2.0 * (usage ** 2).sum() - 1.0) * (both.sum() > 0).float()  # 0 at an even split
-        return bonus, weights, load_balance
+        return self._mix(available, per_item, tgt_vis, tgt_txt, vis, sem, target_emb)
 
     POOLED_BLOCK = 1 << 24  # evaluation: (row, head, candidate, entry) attention cells per candidate block
     SIMILARITY_TABLE_ITEMS = 16384  # candidate retrieval keeps an item x item cosine table up to this catalogue
 
-    def _auxiliary_pooled(self, items, memory_visual, memory_text, target_visual, target_text, memory_mask,
-                          memory_pool, dedupe, tables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _auxiliary_pooled(self, items, batch, cands, memory_visual, memory_text, mem_vis, mem_txt, usable_vis,
+                          usable_txt, target_visual, target_text, memory_pool, dedupe,
+                          tables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`auxiliary` with candidate-conditioned retrieval (``memory_retrieval = "candidate"``).
 
         ``memory_pool [B, K, 2]`` (or ``[B, K]``, the first part alone): ``[..., 0]`` is 0 for entries every
@@ -385,12 +381,9 @@ class UR4RecV2MoE(nn.Module):
         negative, catalogue item) treated alike, in training and in evaluation. The selection is a
         discrete mask, without gradient. Without gradient (evaluation) the candidates are processed in
         blocks so that the ``[B, heads, C, K]`` attention stays bounded. (Gathering each candidate's ~2 top_k
-        entries instead of masking K was measured 5x slower on CPU: the masked batched matmuls win.)"""
-        batch, cands = items.shape
-        usable_vis, usable_txt = _present(memory_visual), _present(memory_text)
-        if memory_mask is not None:
-            usable_vis, usable_txt = usable_vis & memory_mask, usable_txt & memory_mask
-        mem_vis, mem_txt = self.proj_visual(memory_visual), self.proj_text(memory_text)
+        entries instead of masking K was measured 5x slower on CPU: the masked batched matmuls win.)
+        ``items`` may be one row broadcast over the ``batch`` rows (:meth:`auxiliary`); ``mem_*`` are the
+        projected memory entries and ``usable_*`` their masks."""
         pool_items = None
         if memory_pool.dim() == 3:
             memory_pool, pool_items = memory_pool[..., 0], memory_pool[..., 1]
@@ -398,8 +391,6 @@ class UR4RecV2MoE(nn.Module):
         mem_comb = None if table else combined_content(memory_visual, memory_text)  # [B, K, Dv + Dt]
         pool = memory_pool > 0
         budget = memory_pool.max(-1).values  # [B]: pool entries each candidate reads
-        if batch > 1 and items.stride(0) == 0 and target_visual is None and target_text is None:
-            items = items[:1]
         entries = memory_visual.shape[1]
         reads = min(entries, max(self.candidate_retrieval, 1))
         width = cands
@@ -440,19 +431,19 @@ class UR4RecV2MoE(nn.Module):
             vis = self.vis_ln(self.visual_expert(tgt_vis, mem_vis, see_vis, per_item.get("visual_query"), vis_kv))
             sem = self.sem_ln(self.semantic_expert(target_emb, mem_txt, see_txt, per_item.get("semantic_query"), sem_kv))
             available = torch.stack([has_tvis & see_vis.any(-1), see_txt.any(-1)], dim=-1)
-            bonus, weights = self._mix(available, per_item, tgt_vis, tgt_txt, vis, sem, target_emb)
+            bonus, weights, balance = self._mix(available, per_item, tgt_vis, tgt_txt, vis, sem, target_emb)
             bonuses.append(bonus)
             weights_out.append(weights)
-            both = available.all(-1).unsqueeze(-1).float()
-            usage = (weights * both).sum((0, 1)) / both.sum().clamp_min(1.0)
-            balances.append((2.0 * (usage ** 2).sum() - 1.0) * (both.sum() > 0).float() * count / cands)
+            balances.append(balance * count / cands)
         if len(bonuses) == 1:
             return bonuses[0], weights_out[0], balances[0]
         return torch.cat(bonuses, 1), torch.cat(weights_out, 1), torch.stack(balances).sum()
 
     def _mix(self, available: torch.Tensor, per_item: dict, tgt_vis: torch.Tensor, tgt_txt: torch.Tensor,
-             vis: torch.Tensor, sem: torch.Tensor, target_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The router's weights over the usable experts and the gated bonus ``g * <mix, E[c]>``."""
+             vis: torch.Tensor, sem: torch.Tensor,
+             target_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The gated bonus ``g * <mix, E[c]>``, the router's weights over the usable experts and the
+        load-balance loss over candidates where both experts are available (masked: vmap-safe)."""
         if not self.use_router:
             router = torch.zeros_like(available, dtype=tgt_txt.dtype)
         elif "router" in per_item:
@@ -461,7 +452,10 @@ class UR4RecV2MoE(nn.Module):
             router = self.router(torch.cat([tgt_vis, tgt_txt], dim=-1))
         weights = torch.softmax(torch.where(available, router, -1e4), dim=-1) * available
         aux = weights[..., :1] * vis + weights[..., 1:] * sem
-        return self.gating_weight * (aux * target_emb).sum(-1), weights
+        both = available.all(-1).unsqueeze(-1).float()
+        usage = (weights * both).sum((0, 1)) / both.sum().clamp_min(1.0)
+        load_balance = (2.0 * (usage ** 2).sum() - 1.0) * (both.sum() > 0).float()  # 0 at an even split
+        return self.gating_weight * (aux * target_emb).sum(-1), weights, load_balance
 
     def projected_tables(self) -> dict:
         """Every item-only term of :meth:`auxiliary`, once per item: the projected visual and text
