@@ -73,19 +73,29 @@ def sample_candidates(data: SequenceDataset, split: str, seed: int = 0,
     """``[U, 1 + num_negatives]``: column 0 is the held-out item, then uniform negatives.
 
     Uniform without replacement over allowed items = the top-k of i.i.d. uniform keys over
-    the allowed items; vectorised per chunk of users.
+    the allowed items; vectorised per chunk of users. The keys are one stream over every user in
+    user order, so a user's keys do not depend on anyone's history: data holding only some users
+    (a node's partition, :meth:`SequenceDataset.held_users`) draws the whole stream and gives its
+    users the rows the whole data gives them (the other rows stay 0).
     """
     _, _, targets = data.split_bounds(split)
     allowed = np.zeros(data.num_items, dtype=bool)
     allowed[data.occurring_items()] = True
     allowed[0] = False
     generator = torch.Generator().manual_seed(_split_seed(seed, split))
-    out = np.empty((data.num_users, 1 + num_negatives), dtype=np.int64)
-    out[:, 0] = targets
+    held = np.zeros(data.num_users, dtype=bool)
+    held[data.held_users()] = True
+    out = np.zeros((data.num_users, 1 + num_negatives), dtype=np.int64)
+    out[held, 0] = targets[held]
     allowed_t = torch.from_numpy(allowed)
-    for lo in range(0, data.num_users, chunk):
-        users = np.arange(lo, min(lo + chunk, data.num_users))
-        keys = torch.rand((len(users), data.num_items), generator=generator, device=generator.device)
+    last = int(np.flatnonzero(held)[-1]) + 1 if held.any() else 0
+    for lo in range(0, last, chunk):
+        keys = torch.rand((min(chunk, data.num_users - lo), data.num_items), generator=generator,
+                          device=generator.device)
+        rows = np.flatnonzero(held[lo:lo + len(keys)])
+        if len(rows) < len(keys):
+            keys = keys[torch.from_numpy(rows)]
+        users = lo + rows
         mask = ~allowed_t.expand(len(users), -1).clone()
         rows, items = data.history_mask_rows(users)
         mask[torch.from_numpy(rows), torch.from_numpy(items)] = True
@@ -95,7 +105,7 @@ def sample_candidates(data: SequenceDataset, split: str, seed: int = 0,
             raise ValueError(f"user {data.user_ids[user]} has fewer than {num_negatives} items left to sample "
                              "negatives from; use the full protocol for this dataset")
         keys[mask] = -1.0
-        out[lo:lo + len(users), 1:] = keys.topk(num_negatives, dim=1).indices.numpy()
+        out[users, 1:] = keys.topk(num_negatives, dim=1).indices.numpy()
     return out
 
 
@@ -109,7 +119,7 @@ _CANDIDATE_CACHE: dict[tuple, np.ndarray] = {}
 def candidates(data: SequenceDataset, split: str, seed: int = 0, cache_dir: Path | None = None,
                num_negatives: int = NUM_SAMPLED_NEGATIVES) -> np.ndarray:
     """Cached :func:`sample_candidates` (in memory, and on disk when ``cache_dir`` is given)."""
-    key = (data.fingerprint(), split, seed, num_negatives)
+    key = (data.cache_key(), split, seed, num_negatives)
     if key in _CANDIDATE_CACHE:
         return _CANDIDATE_CACHE[key]
     path = Path(cache_dir) / f"candidates_{key[0]}_{split}_s{seed}_n{num_negatives}.npy" if cache_dir else None
@@ -146,7 +156,7 @@ def evaluate(score_fn: ScoreFn, data: SequenceDataset, split: str = "val", proto
     only the ranks come back to the CPU. The sampled candidates are drawn on the CPU (cached)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
-    users = np.arange(data.num_users) if users is None else np.asarray(users)
+    users = data.held_users() if users is None else np.asarray(users)
     _, _, targets = data.split_bounds(split)
     inputs = data.padded_inputs(split, users, max_len)
     cands = candidates(data, split, seed, cache_dir, num_negatives)[users] if protocol == "sampled" else None

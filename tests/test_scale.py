@@ -17,6 +17,9 @@ import pytest
 import torch
 
 from feddmmr import evaluation
+from feddmmr.config import ConfigError
+from feddmmr.data.parsing import DataError
+from feddmmr.data.partitions import write_partitions
 from feddmmr.engine.assemble import LocalClients, assemble
 from feddmmr.engine.loop import validation_sample
 from feddmmr.federation import checkpoint as ckpt
@@ -195,16 +198,18 @@ def _weights(path):
     return ckpt.load_weights(path / ckpt.MODEL_FILE)
 
 
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage, partitioned", [(1, False), (3, False), (1, True), (3, True)])
 def test_flower_with_clients_built_on_demand_and_a_validation_sample_gives_the_in_process_model(
-        tmp_path, offline_flower, monkeypatch, stage):
+        tmp_path, offline_flower, monkeypatch, stage, partitioned):
+    """Nodes reading the whole dataset, or each only its own partition file: the in-process model."""
     data, features = tiny_dataset(tmp_path), tiny_features(tmp_path)
     run_federated(tiny_config(1), data, tmp_path / "s1", progress=False)
     keys = {"dropout": 0.0, "resident_clients": False, "eval_users": 5}
     config = tiny_config(stage, **keys)
     init = tmp_path / "s1" if stage == 3 else None
     inproc = run_federated(config, data, tmp_path / "inproc", features if stage == 3 else None, init, progress=False)
-    run_config = {**core.default_app_config(), **as_run_config(config), "data": str(tmp_path / "data"),
+    source = write_partitions(data, 3, tmp_path / "parts", None) if partitioned else tmp_path / "data"
+    run_config = {**core.default_app_config(), **as_run_config(config), "data": str(source),
                   "out": str(tmp_path / "flower"), "node_wait": 5.0, "cache": str(tmp_path / "node_cache"),
                   **({"features": str(features), "init": str(init)} if stage == 3 else {})}
     grid = LocalGrid(run_config, 3)
@@ -217,6 +222,8 @@ def test_flower_with_clients_built_on_demand_and_a_validation_sample_gives_the_i
                     history["val_metrics"] + [history["final"][k] for k in sorted(history["final"])]):
         assert x["users"] == y["users"] and all(abs(x[m] - y[m]) < 1e-9 for m in ("NDCG@10", "HR@10", "MRR"))
     assert [r["val_metrics"]["users"] for r in history["rounds"]] == [5, 5]
+    saved = json.loads((tmp_path / "flower" / ckpt.CONFIG_FILE).read_text())
+    assert saved["data_fingerprint"] == data.fingerprint() and saved["data"] == data.stats()
     assert all(result["users"] == data.num_users for result in history["final"].values())
     # a validation wave goes only to the nodes holding sampled users (each scores its share); the final one to all
     shares = core.group_by_partition(validation_sample(config, data.num_users), 3)
@@ -235,6 +242,39 @@ def test_flower_with_clients_built_on_demand_and_a_validation_sample_gives_the_i
             continue
         saved = msgs.record_to_arrays(state[client_app.MEMORY])
         assert saved["users"].tolist() == core.partition_users(data.num_users, partition, 3).tolist()
+
+
+def test_a_node_reading_its_partition_file_holds_only_its_users_and_draws_their_candidates(tmp_path):
+    """A node given a partition folder reads only its users' sequences; the user indices, fingerprint,
+    statistics and candidate universe are the whole dataset's, and so are its users' sampled candidates."""
+    data = tiny_dataset(tmp_path, users=30)
+    folder = write_partitions(data, 3, tmp_path / "parts", None)
+    run_config = {**core.default_app_config(), **as_run_config(tiny_config(1)), "data": str(folder)}
+    for partition in range(3):
+        node = core.NodeRuntime.create(run_config, {"partition-id": partition, "num-partitions": 3})
+        held, users = node.data, core.partition_users(data.num_users, partition, 3)
+        assert np.flatnonzero(held.lengths).tolist() == users.tolist()
+        assert len(held.items) == int(data.lengths[users].sum()) < len(data.items) // 2
+        assert all(np.array_equal(held.sequence(u), data.sequence(u)) for u in users)
+        assert (held.num_users, held.num_items, held.fingerprint(), held.stats()) == \
+            (data.num_users, data.num_items, data.fingerprint(), data.stats())
+        assert np.array_equal(held.occurring_items(), data.occurring_items())
+        assert np.array_equal(node.trainer.item_pool.numpy(), data.warm_items())
+        for split in ("val", "test"):
+            ours = evaluation.sample_candidates(held, split, seed=3, num_negatives=10)
+            whole = evaluation.sample_candidates(data, split, seed=3, num_negatives=10)
+            assert np.array_equal(ours[users], whole[users]) and not ours[np.setdiff1d(np.arange(30), users)].any()
+        assert node.ensure_clients(users)[0] == "built" and sorted(node.clients) == users.tolist()
+    # a partition folder must be the node's split of the run's data
+    with pytest.raises(DataError, match="written for 3 partitions"):
+        core.NodeRuntime.create(run_config, {"partition-id": 0, "num-partitions": 2})
+    with pytest.raises(DataError, match="top_users"):
+        core.NodeRuntime.create({**run_config, "top_users": 20}, {"partition-id": 0, "num-partitions": 3})
+    with pytest.raises(ConfigError, match="partition-id"):
+        core.NodeRuntime.create(run_config, {})
+    (folder / "partition-0.npz").write_bytes((folder / "partition-1.npz").read_bytes())
+    with pytest.raises(DataError, match="partition 0's users"):
+        core.NodeRuntime.create(run_config, {"partition-id": 0, "num-partitions": 3})
 
 
 def test_a_new_on_demand_node_process_restores_the_evaluation_memories_from_context_state(tmp_path, offline_flower):

@@ -52,6 +52,14 @@ class SequenceDataset:
     def sequence(self, user: int) -> np.ndarray:
         return self.items[self.offsets[user]:self.offsets[user + 1]]
 
+    def held_users(self) -> np.ndarray:
+        """The users whose sequences are here: all of them (a node's partition holds only its own)."""
+        return np.arange(self.num_users)
+
+    def cache_key(self) -> str:
+        """What caches of per-user arrays (sampled candidates) are keyed by: the data, and whose rows they hold."""
+        return self.fingerprint()
+
     def occurring_items(self) -> np.ndarray:
         """Item indices that occur in at least one sequence (the candidate universe).
 

@@ -370,7 +370,7 @@ class LocalClients:
         """On demand: build the evaluation memories of ``users`` (all when None) not built yet; how many were built."""
         if self._has_eval_memory is None:
             return 0
-        users = np.arange(self.num_users) if users is None else np.asarray(users, dtype=np.int64)
+        users = self.assembly.data.held_users() if users is None else np.asarray(users, dtype=np.int64)
         missing = np.unique(users[~self._has_eval_memory[users]])
         for user in missing.tolist():
             self._set_eval_memory(user, build_eval_memory(self.assembly.data, user, self.assembly.memory_config,

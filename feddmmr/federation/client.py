@@ -131,7 +131,7 @@ def build_clients(data: SequenceDataset, max_len: int, memory_config: MemoryConf
                   space: ItemSpace | None, users: np.ndarray | None = None, seed: int = 0,
                   progress: bool = False, surprised: Mapping[int, np.ndarray] | None = None) -> dict[int, ClientData]:
     """``surprised``: user -> the training steps its surprise trigger wrote (users absent: none)."""
-    users = np.arange(data.num_users) if users is None else users
+    users = data.held_users() if users is None else users
     iterator = users
     if progress and memory_config is not None:
         from tqdm import tqdm

@@ -31,7 +31,7 @@ from flwr.clientapp import ClientApp
 
 from . import messages as msgs
 from . import secure
-from .core import PATH_KEYS, NodeRuntime, partition_users
+from .core import PATH_KEYS, NodeRuntime, node_partition, partition_users, path_setting
 
 MEMORY = "feddmmr.memory"
 MEMORY_INFO = "feddmmr.memory-info"
@@ -59,8 +59,12 @@ def _startup_seconds() -> float:
 
 
 def _runtime(context: Context) -> NodeRuntime:
+    """This process's runtime for the context's run and node data: one for every node it serves from the
+    whole dataset (a simulation actor), one per partition when each node reads its own partition file."""
+    data = path_setting("data", context.run_config, context.node_config)
     key = (context.run_id, json.dumps(dict(context.run_config), sort_keys=True, default=str),
-           json.dumps({k: str(context.node_config.get(k, "")) for k in PATH_KEYS}, sort_keys=True))
+           json.dumps({k: str(context.node_config.get(k, "")) for k in PATH_KEYS}, sort_keys=True),
+           node_partition(data, context.node_config) if data is not None else None)
     if key not in _RUNTIMES:
         _RUNTIMES.clear()  # one run per process at a time
         _RUNTIMES[key] = NodeRuntime.create(context.run_config, context.node_config)

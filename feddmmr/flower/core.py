@@ -28,6 +28,7 @@ import torch
 
 from ..config import ConfigError, TrainConfig, apply_overrides, validate_config
 from ..data.dataset import SequenceDataset, load_dataset
+from ..data.partitions import is_partitioned, load_partition, partition_users  # noqa: F401 (the app's users of a node)
 from ..data.parsing import TableColumns
 from ..devices import resolve_device
 from ..engine.assemble import LocalClients, assemble, client_seed, stage_config
@@ -97,21 +98,31 @@ def path_setting(key: str, run_config: Mapping, node_config: Mapping | None = No
 
 
 def load_node_data(config: TrainConfig, run_config: Mapping, node_config: Mapping | None = None) -> SequenceDataset:
+    """The node's data: its partition's file when ``data`` is a partition folder (:mod:`feddmmr.data.partitions`:
+    only its users' sequences are read), else the whole dataset (every user read, only the node's used)."""
     path = path_setting("data", run_config, node_config)
     if path is None:
         raise ConfigError("run config: set `data` (the dataset path), e.g. --run-config 'data=\"/path/ml-1m\"'")
+    partition = node_partition(path, node_config)
+    if partition is not None:
+        return load_partition(path, *partition, config.top_users)
     columns = TableColumns(*(str(run_config.get(key) or "") or None
                              for key in ("user_col", "item_col", "time_col", "rating_col")))
     return load_dataset(path, str(run_config.get("layout") or "") or None, config.top_users, columns)
 
 
-# --------------------------------------------------------------------------- partitions
+def node_partition(path: Path, node_config: Mapping | None) -> tuple[int, int] | None:
+    """``(partition-id, num-partitions)`` when the node reads its own partition file from ``path``; None
+    when ``path`` holds the whole dataset (a process may then serve any node from one copy)."""
+    if not is_partitioned(path):
+        return None
+    node_config = node_config or {}
+    if "partition-id" not in node_config or "num-partitions" not in node_config:
+        raise ConfigError(f"{path} holds one file per partition: the node needs partition-id and num-partitions")
+    return int(node_config["partition-id"]), int(node_config["num-partitions"])
 
-def partition_users(num_users: int, partition: int, num_partitions: int) -> np.ndarray:
-    """The users a node serves: ``u % num_partitions == partition``, ascending."""
-    if not 0 <= partition < num_partitions:
-        raise ValueError(f"partition-id {partition} is outside 0..{num_partitions - 1}")
-    return np.arange(partition, num_users, num_partitions, dtype=np.int64)
+
+# --------------------------------------------------------------------------- partitions
 
 
 def group_by_partition(users, num_partitions: int) -> dict[int, list[int]]:
