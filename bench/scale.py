@@ -12,7 +12,8 @@ process, so its peak RSS is its own.
 
 ``--flower NODES`` runs the same federation on a SuperLink and NODES SuperNodes on 127.0.0.1
 (each a separate process tree, node ``i`` serving the users ``u % NODES == i``), from the dataset
-written to disk as a Parquet table; it reports each node's peak RSS (the summed RSS of the
+written to disk as a Parquet table and split into one file per node (each node reads only its
+own; ``--whole-table``: every node reads the table); it reports each node's peak RSS (the summed RSS of the
 SuperNode and the processes serving it, polled every 0.5 s; and its largest ClientApp process's
 own peak, which the ClientApp reports with every reply) and the ServerApp side's.
 """
@@ -219,11 +220,15 @@ def _status(pid: int) -> tuple[int, int] | None:
 
 
 def measure_flower(users: int, items: int, stage: int, rounds: int, fraction: float, threads: int,
-                   overrides: list[str], final_users: int, nodes: int, keep: Path | None) -> dict:
+                   overrides: list[str], final_users: int, nodes: int, keep: Path | None,
+                   whole_table: bool = False) -> dict:
     """The same run as :func:`measure`, on a SuperLink and ``nodes`` SuperNodes on loopback (separate
-    processes, each node holding its partition ``u % nodes``), from the dataset written to disk."""
+    processes, each node holding its partition ``u % nodes``), from the dataset written to disk: one
+    partition file per node (each node reads only its own), or with ``whole_table`` the Parquet table
+    that every node reads whole."""
     from feddmmr.config import apply_overrides, load_preset, parse_sets, stage_preset
     from feddmmr.data.dataset import load_dataset
+    from feddmmr.data.partitions import write_partitions
     from feddmmr.flower import deploy
 
     os.environ.update(deploy.OFFLINE_ENV)
@@ -231,7 +236,9 @@ def measure_flower(users: int, items: int, stage: int, rounds: int, fraction: fl
     tick = time.time()
     table_path = write_table(synthetic_dataset(users, items), work / "data" / "interactions.parquet")
     data = load_dataset(table_path, "table", None)  # as the nodes read it (ids remapped to 1..n)
-    run_config = {"stage": stage, "data": str(table_path), "layout": "table", "num_rounds": rounds,
+    source = {"data": str(table_path), "layout": "table"} if whole_table else \
+        {"data": str(write_partitions(data, nodes, work / "data" / "partitions", None))}
+    run_config = {"stage": stage, **source, "num_rounds": rounds,
                   "client_fraction": fraction, "top_users": "all", "final_users": final_users,
                   "out": str(work / "run"), "cache": str(work / "node_cache"), "node_wait": 1800.0,
                   "round_timeout": 7200.0, **parse_sets(overrides)}
@@ -300,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="run on a loopback SuperLink with NODES SuperNodes (separate processes) instead of "
                              "in-process; reports each node's peak RSS")
     parser.add_argument("--keep", type=Path, default=None, help="--flower: keep the data, run and logs here")
+    parser.add_argument("--whole-table", action="store_true",
+                        help="--flower: every node reads the whole Parquet table (default: its own partition file)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     context = multiprocessing.get_context("spawn")
@@ -309,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.flower:
                 torch_threads(args.threads)
                 row = measure_flower(users, items, args.stage, args.rounds, args.fraction, args.threads, args.set,
-                                     args.final_users, args.flower, args.keep)
+                                     args.final_users, args.flower, args.keep, args.whole_table)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stdout if args.json else sys.stderr, flush=True)
                 continue

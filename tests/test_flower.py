@@ -1,5 +1,6 @@
 """The Flower app: record conversions, partitions, the node's memory in context.state, and the
-app itself in a local simulation and on a loopback SuperLink with three SuperNodes.
+app itself in a local simulation (every node reading the whole dataset) and on a loopback SuperLink
+with three SuperNodes (each reading only its own partition file).
 
 The simulation and deployment tests (marked ``flower``) start Flower processes; each stops
 every process it started, also on failure (``deploy.simulate`` / ``deploy.Deployment``).
@@ -301,10 +302,13 @@ def test_simulation_matches_the_in_process_runner(tiny_runs):
 def test_loopback_deployment_with_three_supernodes(tiny_runs, tmp_path):
     root = tiny_runs["root"]
     home = tmp_path / "flwr_home"
+    # each SuperNode reads only its own partition's file (written once, as `deploy partition` does)
+    assert deploy.main(["partition", "--nodes", "3", "--data", str(root / "data"), "--top-users", "all",
+                        "--out", str(tmp_path / "parts")]) == 0
     with deploy.Deployment(3, home) as deployment:
         started = list(deployment.processes.started)
         assert [p.name for p in started] == ["superlink", "supernode-0", "supernode-1", "supernode-2"]
-        result = deployment.run({**TINY, "data": str(root / "data"), "out": str(tmp_path / "deployed")},
+        result = deployment.run({**TINY, "data": str(tmp_path / "parts"), "out": str(tmp_path / "deployed")},
                                 timeout=600, echo=False)
         running = deployment.processes.pids()  # SuperLink, SuperNodes, their SuperExecs, ...
         assert len(running) >= 8

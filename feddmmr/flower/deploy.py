@@ -3,6 +3,7 @@
     python -m feddmmr.flower.deploy init-home [--flwr-home .flwr]
     python -m feddmmr.flower.deploy simulate --nodes 4 -c num_rounds=2 -c stage=1 [-c data=...]
     python -m feddmmr.flower.deploy deploy   --nodes 3 -c num_rounds=2 -c stage=1
+    python -m feddmmr.flower.deploy partition --nodes 3 --data ../ml-1m --out data/ml-1m-3 [--top-users all]
 
 Both write ``$FLWR_HOME/config.toml`` (Flower 1.42 reads SuperLink connections there, not
 from pyproject.toml), set the offline switches, run ``flwr run flower_app <connection>
@@ -16,6 +17,9 @@ from pyproject.toml), set the offline switches, run ``flwr run flower_app <conne
   ``--node-config "partition-id=i num-partitions=K"``, each in its own process group, PIDs
   recorded; the ``loopback`` connection points at the SuperLink. ``--insecure`` is for
   loopback only: see docs/flower.md for TLS and SuperNode authentication.
+
+``partition`` splits a dataset into one file per node (:mod:`feddmmr.data.partitions`); with
+``-c data=<that folder>`` each node reads only its own users' sequences.
 
 Paths in the run config are made absolute here. The run's outcome is read from the run
 directory (``flwr run --stream`` exits 0 even when the ServerApp failed).
@@ -432,6 +436,26 @@ def deploy(run_config: dict, nodes: int, flwr_home: Path = DEFAULT_HOME, app_dir
 
 # --------------------------------------------------------------------------- command line
 
+def add_partition_parser(sub) -> None:
+    from ..cli_args import add_data_args
+    from ..config import TrainConfig
+
+    split = sub.add_parser("partition", help="split a dataset into one file per node (each node reads only its own)")
+    split.add_argument("--nodes", type=int, required=True, help="SuperNodes (= user partitions)")
+    split.add_argument("--out", type=Path, required=True, help="the partition folder (give it as the run's `data`)")
+    add_data_args(split, default_top=TrainConfig().top_users)
+
+
+def partition(args: argparse.Namespace) -> int:
+    """Read the dataset once (as a run with ``--top-users`` would) and write one file per node."""
+    from ..cli_args import load_from_args
+    from ..data.partitions import write_partitions
+
+    top = None if args.top_users in (None, "all") else args.top_users
+    print(write_partitions(load_from_args(args), args.nodes, args.out, top))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m feddmmr.flower.deploy", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -450,7 +474,10 @@ def main(argv: list[str] | None = None) -> int:
                                   "oversubscribing when several SuperNodes share a machine")
         cmd.add_argument("-c", "--run-config", action="append", default=[], metavar="KEY=VALUE",
                          help="run config entry (repeatable), e.g. -c num_rounds=2 -c stage=1")
+    add_partition_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "partition":
+        return partition(args)
     # SIGTERM/SIGHUP unwind like Ctrl-C, so every process started here is stopped on the way out
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda number, frame: sys.exit(128 + number))
