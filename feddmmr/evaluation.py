@@ -92,10 +92,10 @@ def sample_candidates(data: SequenceDataset, split: str, seed: int = 0,
     for lo in range(0, last, chunk):
         keys = torch.rand((min(chunk, data.num_users - lo), data.num_items), generator=generator,
                           device=generator.device)
-        rows = np.flatnonzero(held[lo:lo + len(keys)])
-        if len(rows) < len(keys):
-            keys = keys[torch.from_numpy(rows)]
-        users = lo + rows
+        kept = np.flatnonzero(held[lo:lo + len(keys)])
+        if len(kept) < len(keys):
+            keys = keys[torch.from_numpy(kept)]
+        users = lo + kept
         mask = ~allowed_t.expand(len(users), -1).clone()
         rows, items = data.history_mask_rows(users)
         mask[torch.from_numpy(rows), torch.from_numpy(items)] = True
