@@ -25,6 +25,7 @@ from ..evaluation import FINAL_REQUESTS, VALIDATION_BATCH, format_metrics
 from ..federation import checkpoint as ckpt
 from ..federation.privacy import DifferentialPrivacy
 from ..federation.server import TooFewClients, UpdateScreen, aggregate_prototypes, make_aggregator, sample_clients
+from ..heap import release_free_heap
 from ..models import UR4RecV2MoE
 from .assemble import make_server_optimizer
 from .run_dir import RunDir
@@ -125,6 +126,7 @@ def run_rounds(config: TrainConfig, model: UR4RecV2MoE, transport: Transport, ru
                 f"with its state after round "
                 f"{round_number - 1} saved in {run_dir.out_dir / ckpt.RESUME_DIR}: fix the cause (or lower "
                 "min_clients) and resume")
+        release_free_heap()
         global_state = server_optimizer.step(global_state, screen.result(), round_number)
         model.copy_state_(global_state)
         prototypes = merge_prototypes(config, counted.prototypes, round_number, prototypes)
@@ -136,6 +138,7 @@ def run_rounds(config: TrainConfig, model: UR4RecV2MoE, transport: Transport, ru
             model.eval()
             val = transport.evaluate(model, prototypes, [("val", config.eval_protocol, VALIDATION_BATCH)],
                                      round_number, users=validation_users)[0]
+            release_free_heap()
             run_dir.validated(entry, val, time.time() - tick, model, prototypes)
         entry["seconds"] = round(entry["train_seconds"] + entry.get("eval_seconds", 0.0), 3)
         run_dir.end_round(entry, model, server_optimizer, prototypes, transport.memory())

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..data.dataset import SequenceDataset, last_n_padded, trim_padding
+from ..heap import release_free_heap
 from ..models import UR4RecV2MoE
 from ..models.groups import group_of
 from .memory import ItemSpace, LocalMemory, MemoryConfig, client_threshold, novelty
@@ -459,6 +460,7 @@ class LocalTrainer:
                 else:
                     updates = [self.train_many([clients[i]], global_state, [seeds[i]], global_prototypes, True)[0]
                                for i in group]
+            release_free_heap()
             yield from zip(group, updates)
 
     # ------------------------------------------------------------------ one vmapped group
