@@ -142,3 +142,39 @@ def test_a_run_with_the_channel_reports_it_beside_the_model_alone(tmp_path, data
 def test_an_unknown_channel_is_a_config_error():
     with pytest.raises(ConfigError, match="new_item_channel"):
         tiny_config(1, new_item_channel="knn")
+
+
+def test_feddmmr_evaluate_scores_a_run_with_its_channel_or_without(tmp_path, data):
+    import subprocess
+    import sys
+
+    features = tiny_features(tmp_path)
+    config = tiny_config(1, cold_item_fraction=FRACTION, cold_item_seed=SEED, new_item_channel="content")
+    history = run_federated(config, data, tmp_path / "run", features, progress=False)
+    base = [sys.executable, "-m", "feddmmr.cli", "evaluate", "--checkpoint", str(tmp_path / "run"), "--data",
+            data.source.rsplit("/", 1)[0], "--features", str(features), "--protocol", "full", "--json"]
+    for extra, expected in (([], history["final"]["test_full"]),
+                            (["--new-item-channel", "off"],
+                             history["new_item_channel"]["final_without_channel"]["test_full"])):
+        done = subprocess.run(base + extra, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert result["NDCG@10"] == pytest.approx(expected["NDCG@10"])
+        assert result["new"] == pytest.approx(expected["new"])
+        assert ("new_item_channel" in result) == (not extra)
+
+
+def test_the_pipeline_reports_each_stage_with_its_channel_and_without(tmp_path, data):
+    from .test_cli import TINY, feddmmr
+
+    out = tmp_path / "pipe"
+    result = feddmmr("pipeline", "--data", data.source.rsplit("/", 1)[0], "--top-users", "all", "--features",
+                     str(tiny_features(tmp_path)), "--out", str(out), "--no-progress", *TINY,
+                     "--set", f"cold_item_fraction={FRACTION}", "--set", f"cold_item_seed={SEED}",
+                     "--set", "new_item_channel=content")
+    assert result.returncode == 0, result.stderr
+    runs = json.loads((out / "report.json").read_text())["runs"]
+    for stage in ("stage1_cohort20", "stage3_tuned"):
+        assert {"slope", "offset"} == set(runs[stage]["new_item_channel"])
+        assert f"{stage} (no new-item channel)" in runs
+    assert "| stage1_cohort20 (no new-item channel) | full, new targets" in (out / "report.md").read_text()
