@@ -158,8 +158,9 @@ def results_table(records: list[dict], signals: list[str]) -> str:
             lines.append(diff((method, signal), (method, "alone")))
     for method in trained:
         for signal in signals:
-            lines += [diff((method, signal), ("content_knn", "alone")), diff((method, signal), ("popularity", "alone")),
-                      diff((method, signal), (trained[0], "alone"))]
+            lines += [diff((method, signal), ("content_knn", "alone")), diff((method, signal), ("popularity", "alone"))]
+            if method != trained[0]:
+                lines.append(diff((method, signal), (trained[0], "alone")))
     if "frontier" in records[0]["methods"][trained[0]]:
         lines += ["", f"The warm / new trade-off (signal {signals[-1]}, slope 1, offset as below; test, full ranking, "
                   "mean over seeds), NDCG@10 warm / new:", "",

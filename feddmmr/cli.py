@@ -63,7 +63,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if kind != "off":
         scorer_for = run.scorer if args.checkpoint is not None else (lambda split: scorer)
         channel = new_item_channel(scorer_for, data, args.features or run_features(args.checkpoint), seed,
-                                   max_len=max_len, device=device)
+                                   signal=kind, max_len=max_len, device=device)
         scorer = channel.scorer(scorer_for(args.split)) if channel is not None else scorer
     results = []
     for protocol in _protocols(args.protocol):

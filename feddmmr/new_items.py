@@ -3,9 +3,15 @@
 Under the new-item protocol (``cold_item_fraction`` > 0) a new item's ID row is its untrained
 initialisation, so a trained model's score for it never reaches a top 10. A real system knows which
 catalogue items are newer than its model (``data.cold_items``); the channel scores exactly those by a
-content signal (the content kNN's, :func:`feddmmr.baselines.content_knn_scorer`: the mean centred
-text + poster cosine to the user's recent items, computed on the client) put on the scale of the
-user's own model scores:
+content signal put on the scale of the user's own model scores. Two signals (the config key
+``new_item_channel``):
+
+* ``content``: the content kNN's (:func:`feddmmr.baselines.content_knn_scorer`), the mean centred
+  text + poster cosine of the item to the user's 10 most recent items (computed on the client);
+* ``neighbours``: the model's own scores of the item's 10 content-nearest warm items (similarity
+  weighted): the user's state and the trained rows, borrowed through content.
+
+Either way
 
     score(u, new c) = mu_u + sd_u * (slope * (s(u, c) - m_u) / d_u + offset)
 
@@ -38,7 +44,7 @@ from .features.store import load_features
 
 log = logging.getLogger(__name__)
 
-CHANNELS = ("off", "content")  # the config key ``new_item_channel``
+CHANNELS = ("off", "content", "neighbours")  # the config key ``new_item_channel``: off or the signal
 PSEUDO_NEW_FRACTION = 0.1
 REFERENCE_ITEMS = 512  # warm items whose scores give each user's mean and spread
 NEIGHBOURS = 10  # the "neighbours" signal: content-nearest warm items per item
@@ -206,7 +212,7 @@ def neighbour_signal(data: SequenceDataset, vectors: torch.Tensor, pool: np.ndar
     return signal_for
 
 
-SIGNALS = ("content", "neighbours")
+SIGNALS = CHANNELS[1:]
 
 
 def new_item_channel(scorer_for: Callable[[str], ScoreFn], data: SequenceDataset, features_dir: Path | None,

@@ -178,3 +178,22 @@ def test_the_pipeline_reports_each_stage_with_its_channel_and_without(tmp_path, 
         assert {"slope", "offset"} == set(runs[stage]["new_item_channel"])
         assert f"{stage} (no new-item channel)" in runs
     assert "| stage1_cohort20 (no new-item channel) | full, new targets" in (out / "report.md").read_text()
+
+
+def test_the_neighbours_signal_borrows_the_models_scores_of_content_neighbours(tmp_path, cold):
+    text, visual = load_features(tiny_features(tmp_path))
+    vectors = new_items.content_item_vectors(cold, visual.features.float(), text.features.float())
+    pool = np.setdiff1d(cold.warm_items(), pseudo_new_items(cold, 0))
+    signal = new_items.neighbour_signal(cold, vectors, pool, k=3)(popularity_scorer(cold))
+    users, seq = np.array([0]), torch.tensor([[1, 2, 3]])
+    full = signal(users, seq, None)
+    counts = popularity_scorer(cold)(users, seq, None).double()[0]
+    item = int(cold.cold_items[0])
+    sims = vectors[item] @ vectors[torch.from_numpy(pool)].T
+    near = torch.from_numpy(pool)[sims.topk(3).indices]  # a new item's score: its neighbours' counts
+    weights = sims.topk(3).values.clamp_min(0)
+    assert full[0, item].item() == pytest.approx((counts[near] * weights).sum().item() / weights.sum().item())
+    assert torch.allclose(signal(users, seq, torch.tensor([[item, 5]])), full[:, [item, 5]])
+    channel = new_item_channel(lambda split: popularity_scorer(cold), cold, tiny_features(tmp_path), 0,
+                               signal="neighbours")
+    assert channel.summary()["signal"] == "neighbours"

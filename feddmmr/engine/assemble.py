@@ -109,7 +109,8 @@ def assemble(config: TrainConfig, data: SequenceDataset, features_dir: Path | No
     model.to(resolve_device(config.device) if device is None else torch.device(device))
     space, memory_config = _memory_parts(config, content)
     if channel_active(config, data) and features_dir is None:
-        raise ValueError("new_item_channel = 'content' scores the new items by their content: pass --features DIR")
+        raise ValueError(f"new_item_channel = {config.new_item_channel!r} scores the new items by their content: "
+                         "pass --features DIR")
     return Assembly(config, data, model, content, space, memory_config, meta, trained,
                     str(init_dir) if init_dir is not None else None,
                     Path(features_dir) if features_dir is not None else None)
@@ -443,8 +444,8 @@ class LocalClients:
             return None
         model.eval()
         return new_item_channel(lambda split: self.scorer(model, prototypes, split, users), data,
-                                self.assembly.features_dir, config.seed, max_len=config.max_seq_len, users=users,
-                                device=model.device)
+                                self.assembly.features_dir, config.seed, signal=config.new_item_channel,
+                                max_len=config.max_seq_len, users=users, device=model.device)
 
     def remember_surprise(self, user: int, steps: np.ndarray | None) -> None:
         """The surprise trigger after a client's local training: its surprising training steps join the
