@@ -51,8 +51,9 @@ def groups(result: dict) -> dict:
     return out
 
 
-def measure_seed(folder: Path, args: argparse.Namespace) -> dict:
-    """Every method of one pipeline folder, alone and with each channel signal."""
+def measure_seed(folder: Path, args: argparse.Namespace, done: dict | None = None) -> dict:
+    """Every method of one pipeline folder, alone and with each channel signal (what ``done``, an
+    earlier record's methods, holds already is kept)."""
     import torch
 
     from feddmmr.baselines import content_knn_scorer, popularity_scorer
@@ -74,12 +75,15 @@ def measure_seed(folder: Path, args: argparse.Namespace) -> dict:
     baselines = {"popularity": popularity_scorer(cold),
                  "content_knn": content_knn_scorer(cold, visual.features.float(), text.features.float())}
     record = {"seed": seed, "folder": str(folder), "methods": {}}
+    done = done or {}
 
-    def measure(name: str, scorer_for, scored, max_len: int, batch: int, frontier: bool = False) -> None:
+    def measure(name: str, scorer_for, scored, max_len: int, batch: int, frontier: list[str] = ()) -> None:
         tick = time.time()
-        rows = {"alone": groups(evaluate(scorer_for("test"), scored, "test", "full", seed=seed, max_len=max_len,
-                                         batch_size=batch))}
-        for signal in args.signals:
+        rows = dict(done.get(name, {}))
+        if "alone" not in rows:
+            rows["alone"] = groups(evaluate(scorer_for("test"), scored, "test", "full", seed=seed, max_len=max_len,
+                                            batch_size=batch))
+        for signal in [s for s in args.signals if s not in rows]:
             channel = new_item_channel(scorer_for, scored, args.features, seed, signal=signal, max_len=max_len,
                                        batch_size=batch)
             result = evaluate(channel.scorer(scorer_for("test")), scored, "test", "full", seed=seed,
@@ -87,37 +91,39 @@ def measure_seed(folder: Path, args: argparse.Namespace) -> dict:
             summary = channel.summary()
             rows[signal] = {**groups(result), "slope": summary["slope"], "offset": summary["offset"],
                             "val_best": max(summary["validation_full_ndcg10"].values())}
-        if frontier:
-            rows["frontier"] = trade_off(scorer_for, scored, seed, max_len, batch, channel)
+        for signal in [s for s in frontier if f"frontier_{s}" not in rows]:
+            rows[f"frontier_{signal}"] = trade_off(scorer_for, scored, seed, max_len, batch, args.features, signal)
         record["methods"][name] = rows
         log.info("seed %d %s (%.0fs): %s", seed, name, time.time() - tick,
-                 {k: round(v["new"]["NDCG@10"], 4) for k, v in rows.items() if k != "frontier"})
+                 {k: round(v["new"]["NDCG@10"], 4) for k, v in rows.items() if not k.startswith("frontier")})
 
     for name, scorer in baselines.items():
         measure(name, lambda split, s=scorer: s, cold, 50, 256)
     for name, run_dir in stages:
         run = first if run_dir == stages[0][1] else restore(run_dir, data, args.features)
-        measure(name, run.scorer, run.data, run.config.max_seq_len, 64, frontier=True)
+        measure(name, run.scorer, run.data, run.config.max_seq_len, 64, frontier=args.signals)
     return record
 
 
 FRONTIER_OFFSETS = (-1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0)  # slope 1: from no exposure to every new item on top
 
 
-def trade_off(scorer_for, scored, seed: int, max_len: int, batch: int, channel) -> dict:
-    """The warm / new trade-off along slope 1 (the last calibrated ``channel``'s signal and reference):
-    test warm and new NDCG@10 and HR@10 per offset, the scores of each split computed once."""
+def trade_off(scorer_for, scored, seed: int, max_len: int, batch: int, features: Path, signal: str) -> dict:
+    """The warm / new trade-off of ``signal`` along slope 1 (no calibration: every offset of
+    ``FRONTIER_OFFSETS``): test warm and new metrics per offset, the test scores computed once."""
     import torch
 
     from feddmmr.evaluation import evaluate
-    from feddmmr.new_items import channel_scorer, item_mask, memoized_full
+    from feddmmr.new_items import channel_scorer, channel_signal, item_mask, memoized_full, reference_items
 
+    signal_for, pseudo = channel_signal(scored, features, seed, signal)
     base = memoized_full(scorer_for("test"))
-    signal = memoized_full(channel.signal(base))
-    mask, reference = item_mask(scored.num_items, scored.cold_items), torch.from_numpy(channel.reference)
+    strength = memoized_full(signal_for(base))
+    mask = item_mask(scored.num_items, scored.cold_items)
+    reference = torch.from_numpy(reference_items(scored, seed, pseudo))
     out = {}
     for offset in FRONTIER_OFFSETS:
-        result = evaluate(channel_scorer(base, signal, mask, reference, 1.0, offset), scored, "test", "full",
+        result = evaluate(channel_scorer(base, strength, mask, reference, 1.0, offset), scored, "test", "full",
                           seed=seed, max_len=max_len, batch_size=batch)
         out[f"{offset:g}"] = groups(result)
     return out
@@ -161,15 +167,17 @@ def results_table(records: list[dict], signals: list[str]) -> str:
             lines += [diff((method, signal), ("content_knn", "alone")), diff((method, signal), ("popularity", "alone"))]
             if method != trained[0]:
                 lines.append(diff((method, signal), (trained[0], "alone")))
-    if "frontier" in records[0]["methods"][trained[0]]:
-        lines += ["", f"The warm / new trade-off (signal {signals[-1]}, slope 1, offset as below; test, full ranking, "
-                  "mean over seeds), NDCG@10 warm / new:", "",
+    for signal in signals:
+        if f"frontier_{signal}" not in records[0]["methods"][trained[0]]:
+            continue
+        lines += ["", f"The warm / new trade-off of signal {signal}: slope 1, every offset below, no calibration (test, "
+                  "full ranking, mean over seeds), NDCG@10 warm / new:", "",
                   "| method | " + " | ".join(f"offset {o:g}" for o in FRONTIER_OFFSETS) + " |",
                   "|---|" + "---|" * len(FRONTIER_OFFSETS)]
         for method in trained:
             cells = []
             for offset in FRONTIER_OFFSETS:
-                rows = [r["methods"][method]["frontier"][f"{offset:g}"] for r in records]
+                rows = [r["methods"][method][f"frontier_{signal}"][f"{offset:g}"] for r in records]
                 cells.append(" / ".join(f"{statistics.mean(row[g]['NDCG@10'] for row in rows):.4f}"
                                         for g in ("warm", "new")))
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -184,12 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     for folder in args.runs:
         seed = json.loads((folder / "report.json").read_text())["seed"]
         path = args.out / f"seed{seed}.json"
+        done = {}
         if path.exists() and not args.force:
             record = json.loads(path.read_text())
-            if set(args.signals) <= set(next(iter(record["methods"].values()))):
+            complete = [set(args.signals) <= set(rows) for rows in record["methods"].values()]
+            frontiers = [{f"frontier_{s}" for s in args.signals} <= set(rows)
+                         for name, rows in record["methods"].items() if name not in ("popularity", "content_knn")]
+            if all(complete) and all(frontiers):
                 records.append(record)
                 continue
-        record = measure_seed(folder, args)
+            done = record["methods"]
+        record = measure_seed(folder, args, done)
         path.write_text(json.dumps(record, indent=2))
         records.append(record)
     table = results_table(records, args.signals)

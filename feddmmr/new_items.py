@@ -215,6 +215,22 @@ def neighbour_signal(data: SequenceDataset, vectors: torch.Tensor, pool: np.ndar
 SIGNALS = CHANNELS[1:]
 
 
+def channel_signal(data: SequenceDataset, features_dir: Path, seed: int, signal: str = "content"
+                   ) -> tuple[Callable[[ScoreFn], ScoreFn], np.ndarray]:
+    """The channel's signal (a function of the model's scorer) read from the item features in
+    ``features_dir``, and the pseudo-new items it must not lean on."""
+    if signal not in SIGNALS:
+        raise ValueError(f"unknown new-item signal {signal!r}; choose one of {SIGNALS}")
+    text, visual = load_features(Path(features_dir), data.num_items)
+    visual, text = visual.features.float(), text.features.float()
+    pseudo = pseudo_new_items(data, seed)
+    if signal == "neighbours":
+        return neighbour_signal(data, content_item_vectors(data, visual, text),
+                                np.setdiff1d(data.warm_items(), pseudo)), pseudo
+    knn = content_knn_scorer(data, visual, text)
+    return (lambda base: knn), pseudo
+
+
 def new_item_channel(scorer_for: Callable[[str], ScoreFn], data: SequenceDataset, features_dir: Path | None,
                      seed: int, signal: str = "content", **kwargs) -> NewItemChannel | None:
     """The calibrated channel of a model (``scorer_for(split)``: its scorer on a split), its signal read
@@ -223,15 +239,5 @@ def new_item_channel(scorer_for: Callable[[str], ScoreFn], data: SequenceDataset
         return None
     if features_dir is None:
         raise ValueError("the new-item channel scores new items by their content: pass --features DIR")
-    text, visual = load_features(Path(features_dir), data.num_items)
-    visual, text = visual.features.float(), text.features.float()
-    pseudo = pseudo_new_items(data, seed)
-    if signal == "content":
-        knn = content_knn_scorer(data, visual, text)
-        signal_for = lambda base: knn  # noqa: E731
-    elif signal == "neighbours":
-        signal_for = neighbour_signal(data, content_item_vectors(data, visual, text),
-                                      np.setdiff1d(data.warm_items(), pseudo))
-    else:
-        raise ValueError(f"unknown new-item signal {signal!r}; choose one of {SIGNALS}")
+    signal_for, pseudo = channel_signal(data, features_dir, seed, signal)
     return calibrate(scorer_for("val"), signal_for, data, seed, pseudo, signal_name=signal, **kwargs)
