@@ -99,7 +99,8 @@ def channel_scorer(base: ScoreFn, signal: ScoreFn, channel: torch.Tensor, refere
 
 def memoized_full(score_fn: ScoreFn) -> ScoreFn:
     """``score_fn`` whose full-catalogue scores (``items`` None) are kept per batch of users: the
-    calibration grid scores the same validation batches many times."""
+    calibration grid scores the same validation batches many times. One split per memo (the key is
+    the users alone)."""
     cache: dict[bytes, torch.Tensor] = {}
 
     def score(users: np.ndarray, seq: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
