@@ -23,6 +23,7 @@ from .features.store import load_features
 from .federation.checkpoint import read_run_config
 from .federation.server import TooFewClients
 from .models import CheckpointError
+from .new_items import CHANNELS, new_item_channel
 from .pipeline import STAGES, run_pipeline, stage_configs
 from .runner import run_federated
 
@@ -56,12 +57,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data = load_from_args(args)
         scorer, name, max_len, seed = baseline_scorer(args.model, data, args.features), args.model, 50, args.seed or 0
         device = "cpu"
+    channel, kind = None, args.new_item_channel
+    if kind is None:  # a run's own setting; a baseline's default is off
+        kind = run.config.new_item_channel if args.checkpoint is not None else "off"
+    if kind != "off":
+        scorer_for = run.scorer if args.checkpoint is not None else (lambda split: scorer)
+        channel = new_item_channel(scorer_for, data, args.features or run_features(args.checkpoint), seed,
+                                   signal=kind, max_len=max_len, device=device)
+        scorer = channel.scorer(scorer_for(args.split)) if channel is not None else scorer
     results = []
     for protocol in _protocols(args.protocol):
         negatives = run.config.eval_negatives if args.checkpoint is not None else 100
         result = evaluate(scorer, data, args.split, protocol, seed=seed, max_len=max_len, cache_dir=args.cache_dir,
                           num_negatives=negatives, device=device)
         result["model"] = name
+        if channel is not None:
+            result["new_item_channel"] = channel.summary()
         results.append(result)
     emit(results[0] if len(results) == 1 else {"results": results}, args.json)
     return 0
@@ -74,6 +85,12 @@ def baseline_scorer(model: str, data, features: Path | None):
         raise ValueError("--model content_knn reads item features: pass --features DIR")
     text, visual = load_features(features, data.num_items)
     return content_knn_scorer(data, visual.features.float(), text.features.float())
+
+
+def run_features(run_dir: Path | None) -> Path | None:
+    """The feature folder a run was trained with (None: none recorded)."""
+    directory = (read_run_config(run_dir).get("features") or {}).get("dir") if run_dir is not None else None
+    return Path(directory) if directory else None
 
 
 def _run_top_users(run_dir: Path) -> int | None:
@@ -163,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--features", type=Path, default=None, help="feature folder (default: the run's)")
     ev.add_argument("--model", default="popularity", choices=["popularity", "content_knn"],
                     help="without --checkpoint: popularity, or content_knn (needs --features)")
+    ev.add_argument("--new-item-channel", choices=list(CHANNELS), default=None,
+                    help="new-item protocol: score the new items by their calibrated content (calibrated on "
+                         "validation with pseudo-new items; needs --features or a run with them); no effect "
+                         "without new items (default: the run's config key new_item_channel; off otherwise)")
     ev.add_argument("--protocol", choices=["full", "sampled", "both"], default="both")
     ev.add_argument("--split", choices=["val", "test"], default="test")
     ev.add_argument("--seed", type=int_at_least(0), default=None,

@@ -12,6 +12,7 @@ import torch
 
 from .models.groups import PARAM_GROUPS
 from .models.moe import OBJECTIVES
+from .new_items import CHANNELS
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class TrainConfig:
     top_users: int | None = 1000
     cold_item_fraction: float = 0.0  # > 0: the new-item protocol (SequenceDataset.with_cold_items), [0, 1)
     cold_item_seed: int = 0  # which items are new; the same for every training seed unless changed
+    new_item_channel: str = "off"  # off | content: new items scored by their calibrated content (new_items.py)
     # model (seed names)
     sasrec_hidden_dim: int = 128
     sasrec_num_blocks: int = 2
@@ -212,6 +214,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "attack": ATTACKS,
     "device": DEVICES,
     "memory_retrieval": ("centroid", "candidate"),
+    "new_item_channel": CHANNELS,
 }
 
 

@@ -90,11 +90,17 @@ def run_pipeline(data: SequenceDataset, data_path: Path, out: Path, features: Pa
         if history_file.exists() and "final" in json.loads(history_file.read_text()):
             log.info("%s already finished in %s; skipping (delete the folder to retrain)", name, run_dir)
         else:
-            run_federated(config, data, run_dir, features if config.use_memory else None, previous,
+            reads_features = config.use_memory or (config.new_item_channel != "off" and config.cold_item_fraction > 0)
+            run_federated(config, data, run_dir, features if reads_features else None, previous,
                           resume=resume_dir(run_dir) is not None, progress=progress, data_info=stats)
         history = json.loads(history_file.read_text())
         report["runs"][config.preset] = {**history["final"], "best_round": history["best_round"],
                                          "seconds": history.get("total_seconds"), "run_dir": str(run_dir)}
+        if "new_item_channel" in history:  # the same model without the channel, beside it
+            channel = history["new_item_channel"]
+            report["runs"][config.preset]["new_item_channel"] = {k: channel[k] for k in ("slope", "offset")}
+            report["runs"][f"{config.preset} (no new-item channel)"] = {
+                **channel["final_without_channel"], "best_round": history["best_round"]}
         previous = run_dir
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown_report(report))

@@ -26,6 +26,7 @@ from ..federation.client import (ClientData, ItemContent, LocalTrainer, build_cl
 from ..federation.memory import ItemSpace, MemoryConfig
 from ..federation.server import ServerOptimizer
 from ..models import PARAM_GROUPS, CheckpointError, UR4RecV2MoE
+from ..new_items import NewItemChannel, new_item_channel
 from ..safeio import load_npy
 
 
@@ -42,6 +43,7 @@ class Assembly:
     feature_meta: dict
     trained_groups: list[str]
     init_dir: str | None
+    features_dir: Path | None = None  # the item features (the memory's, and the new-item channel's signal)
 
     def build_clients(self, users: np.ndarray | None = None, progress: bool = False,
                       surprised: Mapping[int, np.ndarray] | None = None) -> dict[int, ClientData]:
@@ -106,8 +108,17 @@ def assemble(config: TrainConfig, data: SequenceDataset, features_dir: Path | No
                               "run directory of the previous stage (e.g. a Stage 1 run)")
     model.to(resolve_device(config.device) if device is None else torch.device(device))
     space, memory_config = _memory_parts(config, content)
+    if channel_active(config, data) and features_dir is None:
+        raise ValueError(f"new_item_channel = {config.new_item_channel!r} scores the new items by their content: "
+                         "pass --features DIR")
     return Assembly(config, data, model, content, space, memory_config, meta, trained,
-                    str(init_dir) if init_dir is not None else None)
+                    str(init_dir) if init_dir is not None else None,
+                    Path(features_dir) if features_dir is not None else None)
+
+
+def channel_active(config: TrainConfig, data: SequenceDataset) -> bool:
+    """Does the run's final scoring go through the new-item channel (on, and ``data`` has new items)."""
+    return config.new_item_channel != "off" and data.cold_items is not None and len(data.cold_items) > 0
 
 
 def data_for(config: TrainConfig, data: SequenceDataset) -> SequenceDataset:
@@ -406,17 +417,35 @@ class LocalClients:
                                                   config.use_memory)
         return self._memory_ids[split]
 
+    def scorer(self, model: UR4RecV2MoE, prototypes: torch.Tensor | None, split: str,
+               users: np.ndarray | None = None) -> ScoreFn:
+        """``model``'s scorer on ``split`` with the clients' evaluation memories (of ``users``, all when None)."""
+        return memory_scorer(model, self.assembly.content, self.memory_ids(split, users), prototypes,
+                             pool_top_k(self.assembly.config))
+
     def evaluate(self, model: UR4RecV2MoE, prototypes: torch.Tensor | None, requests, tag=None,
-                 users: np.ndarray | None = None) -> list[dict]:
-        """One result per ``(split, protocol, batch_size)`` request, over every user (or ``users``)."""
+                 users: np.ndarray | None = None, channel: NewItemChannel | None = None) -> list[dict]:
+        """One result per ``(split, protocol, batch_size)`` request, over every user (or ``users``);
+        with ``channel`` the new items are scored by it."""
         config, data = self.assembly.config, self.assembly.data
         model.eval()
-        return [evaluate(memory_scorer(model, self.assembly.content, self.memory_ids(split, users), prototypes,
-                                       pool_top_k(config)), data,
+        wrap = channel.scorer if channel is not None else (lambda scorer: scorer)
+        return [evaluate(wrap(self.scorer(model, prototypes, split, users)), data,
                          split, protocol, seed=config.seed, max_len=config.max_seq_len, batch_size=batch_size,
                          cache_dir=self.cache_dir, users=users, num_negatives=config.eval_negatives,
                          device=model.device)
                 for split, protocol, batch_size in requests]
+
+    def new_item_channel(self, model: UR4RecV2MoE, prototypes: torch.Tensor | None,
+                         users: np.ndarray | None = None) -> NewItemChannel | None:
+        """The new-item channel calibrated for ``model`` on validation (None when the run has none)."""
+        config, data = self.assembly.config, self.assembly.data
+        if not channel_active(config, data):
+            return None
+        model.eval()
+        return new_item_channel(lambda split: self.scorer(model, prototypes, split, users), data,
+                                self.assembly.features_dir, config.seed, signal=config.new_item_channel,
+                                max_len=config.max_seq_len, users=users, device=model.device)
 
     def remember_surprise(self, user: int, steps: np.ndarray | None) -> None:
         """The surprise trigger after a client's local training: its surprising training steps join the

@@ -245,7 +245,16 @@ def finish(config: TrainConfig, model: UR4RecV2MoE, transport: Transport, run_di
     results = transport.evaluate(model, prototypes, list(FINAL_REQUESTS), "final",
                                  users=final_sample(config, transport.num_users))
     final = {f"{split}_{protocol}": result for (split, protocol, _), result in zip(FINAL_REQUESTS, results)}
-    extra = {"final_seconds": round(time.time() - tick, 3), **transport.summary()}
+    extra = {}
+    if config.new_item_channel != "off" and config.cold_item_fraction > 0:  # in-process only (Flower refuses it)
+        users = final_sample(config, transport.num_users)
+        channel = transport.new_item_channel(model, prototypes, users)
+        if channel is not None:
+            results = transport.evaluate(model, prototypes, list(FINAL_REQUESTS), "final", users=users,
+                                         channel=channel)
+            extra["new_item_channel"] = {**channel.summary(), "final_without_channel": final}
+            final = {f"{split}_{protocol}": result for (split, protocol, _), result in zip(FINAL_REQUESTS, results)}
+    extra.update({"final_seconds": round(time.time() - tick, 3), **transport.summary()})
     if dp:
         extra["privacy"] = dp.spent(config.num_rounds)
         print(dp.describe(config.num_rounds), flush=True)
