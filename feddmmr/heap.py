@@ -3,9 +3,10 @@
 glibc keeps the pages of freed tensors mapped: a round's vmapped groups and its validation pass
 free and re-allocate tensors of ever different shapes, the heap fragments, and the process's peak
 RSS grows with the number of groups in a round rather than with the largest one.
-``malloc_trim(0)`` returns every free page, at a cost of a walk over the heap (milliseconds),
-which is why it runs at phase boundaries and not on every free (``MALLOC_TRIM_THRESHOLD_=0``
-costs about three times the system time). Elsewhere than glibc it does nothing.
+``malloc_trim(0)`` returns every free page at the cost of one walk over the heap, so it runs at
+phase boundaries; trimming on every free (``MALLOC_TRIM_THRESHOLD_=0``) or mmapping large blocks
+pays a page fault for every fresh block (docs/scale.md compares them). Elsewhere than glibc it does
+nothing.
 """
 
 from __future__ import annotations

@@ -168,10 +168,11 @@ def calibrate(val_scorer: ScoreFn, signal: Callable[[ScoreFn], ScoreFn], data: S
     Reads no test target."""
     reference = torch.from_numpy(reference_items(data, seed, pseudo))
     channel = item_mask(data.num_items, pseudo)
-    base = memoized_full(val_scorer)
+    model = memoized_full(val_scorer)  # one full pass per validation batch, shared by the grid and the signal
+    base = model
     if data.cold_items is not None and len(data.cold_items):
-        base = without_items(base, item_mask(data.num_items, data.cold_items))
-    strength = memoized_full(signal(memoized_full(val_scorer)))
+        base = without_items(model, item_mask(data.num_items, data.cold_items))
+    strength = memoized_full(signal(model))
     table = {}
     for slope in CHANNEL_SLOPES:
         for offset in CHANNEL_OFFSETS:
@@ -186,8 +187,7 @@ def calibrate(val_scorer: ScoreFn, signal: Callable[[ScoreFn], ScoreFn], data: S
                           {f"{s:g}/{o:g}": v for (s, o), v in table.items()})
 
 
-def neighbour_signal(data: SequenceDataset, vectors: torch.Tensor, pool: np.ndarray, k: int = NEIGHBOURS
-                     ) -> Callable[[ScoreFn], ScoreFn]:
+def neighbour_signal(vectors: torch.Tensor, pool: np.ndarray, k: int = NEIGHBOURS) -> Callable[[ScoreFn], ScoreFn]:
     """A model's scores borrowed through content: item c's signal is the similarity-weighted mean of the
     model's scores of its ``k`` content-nearest items of ``pool`` (warm items with trained rows)."""
     pool_t = torch.from_numpy(np.asarray(pool, dtype=np.int64))
@@ -226,7 +226,7 @@ def channel_signal(data: SequenceDataset, features_dir: Path, seed: int, signal:
     visual, text = visual.features.float(), text.features.float()
     pseudo = pseudo_new_items(data, seed)
     if signal == "neighbours":
-        return neighbour_signal(data, content_item_vectors(data, visual, text),
+        return neighbour_signal(content_item_vectors(data, visual, text),
                                 np.setdiff1d(data.warm_items(), pseudo)), pseudo
     knn = content_knn_scorer(data, visual, text)
     return (lambda base: knn), pseudo

@@ -184,7 +184,7 @@ def test_the_neighbours_signal_borrows_the_models_scores_of_content_neighbours(t
     text, visual = load_features(tiny_features(tmp_path))
     vectors = new_items.content_item_vectors(cold, visual.features.float(), text.features.float())
     pool = np.setdiff1d(cold.warm_items(), pseudo_new_items(cold, 0))
-    signal = new_items.neighbour_signal(cold, vectors, pool, k=3)(popularity_scorer(cold))
+    signal = new_items.neighbour_signal(vectors, pool, k=3)(popularity_scorer(cold))
     users, seq = np.array([0]), torch.tensor([[1, 2, 3]])
     full = signal(users, seq, None)
     counts = popularity_scorer(cold)(users, seq, None).double()[0]

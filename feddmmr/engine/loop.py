@@ -242,12 +242,11 @@ def finish(config: TrainConfig, model: UR4RecV2MoE, transport: Transport, run_di
     The results go to stdout."""
     prototypes = run_dir.load_best(model)
     tick = time.time()
-    results = transport.evaluate(model, prototypes, list(FINAL_REQUESTS), "final",
-                                 users=final_sample(config, transport.num_users))
+    users = final_sample(config, transport.num_users)
+    results = transport.evaluate(model, prototypes, list(FINAL_REQUESTS), "final", users=users)
     final = {f"{split}_{protocol}": result for (split, protocol, _), result in zip(FINAL_REQUESTS, results)}
     extra = {}
     if config.new_item_channel != "off" and config.cold_item_fraction > 0:  # in-process only (Flower refuses it)
-        users = final_sample(config, transport.num_users)
         channel = transport.new_item_channel(model, prototypes, users)
         if channel is not None:
             results = transport.evaluate(model, prototypes, list(FINAL_REQUESTS), "final", users=users,
