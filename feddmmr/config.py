@@ -35,6 +35,7 @@ class TrainConfig:
     gbce_t: float = 0.75  # gbce: calibration t of gSASRec (0 = plain BCE, 1 = fully calibrated)
     weight_decay: float = 0.0
     local_optimizer: str = "adam"  # adam | sgd (fresh per client and round)
+    local_adam_eps: float = 1e-8  # the local Adam's epsilon: coordinates whose gradient is far below it step like SGD
     fedprox_mu: float = 0.0  # > 0: FedProx proximal term
     item_embedding_aggregation: str = "updated_rows"  # or "fedavg"
     update_negative_items: bool = True  # False: a client only moves rows of items it interacted with
@@ -182,6 +183,7 @@ RANGES: dict[str, Range] = {
     "clients_per_round": NON_NEGATIVE,
     "local_epochs": POSITIVE, "learning_rate": STRICTLY_POSITIVE, "batch_size": POSITIVE,
     "num_negatives": POSITIVE, "gbce_t": FRACTION, "weight_decay": NON_NEGATIVE, "fedprox_mu": NON_NEGATIVE,
+    "local_adam_eps": STRICTLY_POSITIVE,
     "server_learning_rate": STRICTLY_POSITIVE, "server_momentum": Range(0, 1, open_high=True),
     "server_lr_final_ratio": FRACTION,
     "eval_every": POSITIVE, "eval_negatives": POSITIVE, "eval_users": NON_NEGATIVE, "final_users": NON_NEGATIVE, "seed": Range(0, 2**32 - 1), "top_users": POSITIVE,

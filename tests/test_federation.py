@@ -257,6 +257,31 @@ def test_clients_trained_together_match_clients_trained_alone(tmp_path, optimize
         assert any(not torch.equal(a.state[k], start[k]) for k in start)
 
 
+@pytest.mark.parametrize("eps", [1e-8, 1e-3, 1e2])
+def test_the_local_adams_first_step_is_lr_g_over_abs_g_plus_eps(tmp_path, eps):
+    """``local_adam_eps`` is the epsilon of a client's fresh Adam: its one step moves every coordinate by
+    ``lr * g / (|g| + eps)``, a full ``lr`` where the gradient dwarfs eps and an SGD step of ``lr / eps``
+    where eps dwarfs it (the gradient is read off one SGD step of size 1 from the same start and draws)."""
+    one_step = dict(dropout=0.0, batch_size=64, local_epochs=1)
+    fed, clients, sgd = _trainer(tmp_path, tiny_config(1, local_optimizer="sgd", learning_rate=1.0, **one_step))
+    client = clients[0]
+    assert len(client.inputs) <= 64  # one batch: one step
+    start = fed.model.group_state(sgd.config.transmitted_groups)
+    gradient = {k: start[k] - v for k, v in sgd.train(client, start, seed=3).state.items()}
+    adam = LocalTrainer(fed.model, tiny_config(1, learning_rate=1e-3, local_adam_eps=eps, **one_step),
+                        fed.content, sgd.item_pool.numpy())
+    stepped = adam.train(client, start, seed=3).state
+    for key in start:  # attention key biases: a zero true gradient, float noise (see _comparable)
+        g = _comparable(key, gradient[key].double())
+        expected = _comparable(key, start[key].double()) - 1e-3 * g / (g.abs() + eps)
+        torch.testing.assert_close(_comparable(key, stepped[key].double()), expected, rtol=1e-4, atol=1e-7)
+    moved = (stepped["sasrec.item_emb.weight"] - start["sasrec.item_emb.weight"]).abs()
+    if eps == 1e-8:  # sign-like: every coordinate with a real gradient moves by the whole learning rate
+        assert torch.isclose(moved[gradient["sasrec.item_emb.weight"].abs() > 1e-6], torch.tensor(1e-3), rtol=1e-2).all()
+    if eps == 1e2:  # SGD-like: nothing moves more than lr * |g| / eps
+        assert moved.max() <= 1e-3 * gradient["sasrec.item_emb.weight"].abs().max() / eps * 1.001
+
+
 def _comparable(key: str, value: torch.Tensor) -> torch.Tensor:
     """Attention key biases have a zero true gradient, so their steps are float noise (Adam scales
     noise up to a full step); a padded group sums in another order, so leave them out."""

@@ -383,7 +383,6 @@ class LocalTrainer:
     """
 
     betas = (0.9, 0.999)
-    eps = 1e-8
     align_items = 128  # items per step for the InfoNCE alignment
     sparse_rows = True  # train only the item-embedding rows a client touches, when that is exact (_sparse)
 
@@ -397,6 +396,9 @@ class LocalTrainer:
         model.set_trainable(groups)
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         self.lrs = learning_rates(self.names, config)
+        # a fresh Adam's first steps move every coordinate by about the learning rate, whatever its evidence;
+        # an epsilon near the gradients' scale lets weak coordinates move in proportion (docs/quality-federation.md, H13)
+        self.eps = config.local_adam_eps
         if not self.names:
             raise ValueError(f"stage trains no parameters (trainable_groups={config.trainable_groups})")
         self.wrapper = _Losses(model, not config.update_negative_items, config.loss,
