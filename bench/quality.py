@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/quality.py --data ../shared/data/ml-1m [--quick] [--seeds 0 1 2]
         [--out bench/results/quality] [--features features/ml-1m] [--only NAME ...] [--set key=value ...]
-        [--epochs 10] [--stage1-preset stage1_cohort20] [--stage3-preset stage3_tuned]
+        [--epochs 10] [--stage1-preset stage1_cohort20_eps] [--stage3-preset stage3_tuned]
         [--stage2-preset stage2_alignment] [--stage3-after2-preset stage3_tuned] [--force]
 
 The defaults are the pipeline's presets (``feddmmr pipeline``); the seed's own schedule is
@@ -142,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"the most active N users, or 'all' (the papers' protocol: all 6,040 ML-1M users); "
                         f"default 1000 (--quick: {QUICK_USERS})")
     p.add_argument("--epochs", type=int, default=None, help="centralized epochs (default 10, --quick 1)")
-    p.add_argument("--stage1-preset", default="stage1_cohort20")
+    p.add_argument("--stage1-preset", default="stage1_cohort20_eps")
     p.add_argument("--stage2-preset", default="stage2_alignment")
     p.add_argument("--stage3-preset", default="stage3_tuned", help="Stage 3 after Stage 1 (1->3 and ablations)")
     p.add_argument("--stage3-after2-preset", default="stage3_tuned", help="Stage 3 after Stage 2 (1->2->3)")

@@ -21,7 +21,7 @@ from .runner import run_federated
 
 log = logging.getLogger(__name__)
 
-STAGES = (("stage1", "stage1_cohort20"), ("stage3", "stage3_tuned"))  # (name, default preset)
+STAGES = (("stage1", "stage1_cohort20_eps"), ("stage3", "stage3_tuned"))  # (name, default preset)
 
 
 def stage_configs(presets: tuple[str | None, str | None], overrides: dict, seed: int,

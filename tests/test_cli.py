@@ -68,7 +68,7 @@ def test_pipeline_runs_both_stages_and_reports_both_protocols(tmp_path):
                      "--out", str(out), "--no-progress", *TINY)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
-    assert set(report["runs"]) == {"popularity", "stage1_cohort20", "stage3_tuned"}
+    assert set(report["runs"]) == {"popularity", "stage1_cohort20_eps", "stage3_tuned"}
     assert "| stage3_tuned | full |" in (out / "report.md").read_text()
     again = feddmmr("pipeline", "--data", data_dir, "--top-users", "all", "--features", str(features),
                     "--out", str(out), "--no-progress", *TINY)

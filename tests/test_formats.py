@@ -290,7 +290,7 @@ def test_pipeline_on_recbole_files_in_one_command_then_recommend_with_titles(tmp
     assert report["features"]["text"]["sources"] == {"item_file": report["features"]["text"]["coverage"]}
     assert report["features"]["visual"]["coverage"] == 0
     assert "no item has posters: Stage 3 runs with text features only" in (out / "report.md").read_text()
-    assert set(report["runs"]) == {"popularity", "stage1_cohort20", "stage3_tuned"}
+    assert set(report["runs"]) == {"popularity", "stage1_cohort20_eps", "stage3_tuned"}
 
     result = feddmmr("recommend", "--checkpoint", str(out / "stage3_tuned"), "--data", str(folder),
                      "--user", "U3", "--k", "3", "--json")

@@ -174,10 +174,10 @@ def test_the_pipeline_reports_each_stage_with_its_channel_and_without(tmp_path, 
                      "--set", "new_item_channel=content")
     assert result.returncode == 0, result.stderr
     runs = json.loads((out / "report.json").read_text())["runs"]
-    for stage in ("stage1_cohort20", "stage3_tuned"):
+    for stage in ("stage1_cohort20_eps", "stage3_tuned"):
         assert {"slope", "offset"} == set(runs[stage]["new_item_channel"])
         assert f"{stage} (no new-item channel)" in runs
-    assert "| stage1_cohort20 (no new-item channel) | full, new targets" in (out / "report.md").read_text()
+    assert "| stage1_cohort20_eps (no new-item channel) | full, new targets" in (out / "report.md").read_text()
 
 
 def test_the_neighbours_signal_borrows_the_models_scores_of_content_neighbours(tmp_path, cold):

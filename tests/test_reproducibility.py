@@ -114,7 +114,7 @@ def test_a_pipeline_trains_the_same_bytes_with_features_extracted_in_process_or_
     assert report["cached"]["features"]["visual"]["status"] == "existing"
     assert len(fresh_threads) >= 4 and fresh_threads == threads_seen  # 2 rounds x 2 stages, group by group
     assert set(fresh_threads) == {wanted}  # every group trained at the requested threads
-    for stage in ("stage1_cohort20", "stage3_tuned"):
+    for stage in ("stage1_cohort20_eps", "stage3_tuned"):
         assert (fresh / stage / "model.safetensors").read_bytes() == (cached / stage / "model.safetensors").read_bytes()
         histories = [json.loads((folder / stage / "train_history.json").read_text()) for folder in (fresh, cached)]
         assert [r.get("val_metrics") for r in histories[0]["rounds"]] == [r.get("val_metrics") for r in histories[1]["rounds"]]
