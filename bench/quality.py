@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/quality.py --data ../shared/data/ml-1m [--quick] [--seeds 0 1 2]
         [--out bench/results/quality] [--features features/ml-1m] [--only NAME ...] [--set key=value ...]
-        [--epochs 10] [--stage1-preset stage1_cohort20_eps] [--stage3-preset stage3_tuned]
-        [--stage2-preset stage2_alignment] [--stage3-after2-preset stage3_tuned] [--force]
+        [--epochs 10] [--stage1-preset PRESET] [--stage3-preset PRESET]
+        [--stage2-preset stage2_alignment] [--stage3-after2-preset PRESET] [--force]
 
 The defaults are the pipeline's presets (``feddmmr pipeline``); the seed's own schedule is
 ``--stage1-preset stage1_backbone --stage3-preset stage3_skip_stage2 --stage3-after2-preset stage3_moe``.
@@ -124,6 +124,7 @@ QUICK_USERS = 100
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from feddmmr.pipeline import STAGES
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--data", type=Path, required=True, help="MovieLens-1M folder")
@@ -142,10 +143,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"the most active N users, or 'all' (the papers' protocol: all 6,040 ML-1M users); "
                         f"default 1000 (--quick: {QUICK_USERS})")
     p.add_argument("--epochs", type=int, default=None, help="centralized epochs (default 10, --quick 1)")
-    p.add_argument("--stage1-preset", default="stage1_cohort20_eps")
+    (_, stage1_preset), (_, stage3_preset) = STAGES  # the pipeline's, so the bench measures what it runs
+    p.add_argument("--stage1-preset", default=stage1_preset, help=f"default: the pipeline's, {stage1_preset}")
     p.add_argument("--stage2-preset", default="stage2_alignment")
-    p.add_argument("--stage3-preset", default="stage3_tuned", help="Stage 3 after Stage 1 (1->3 and ablations)")
-    p.add_argument("--stage3-after2-preset", default="stage3_tuned", help="Stage 3 after Stage 2 (1->2->3)")
+    p.add_argument("--stage3-preset", default=stage3_preset,
+                   help=f"Stage 3 after Stage 1 (1->3 and ablations); default: the pipeline's, {stage3_preset}")
+    p.add_argument("--stage3-after2-preset", default=stage3_preset,
+                   help=f"Stage 3 after Stage 2 (1->2->3); default {stage3_preset}")
     p.add_argument("--force", action="store_true", help="rerun runs whose JSON exists")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's choice; 1 can be faster on a busy machine)")
